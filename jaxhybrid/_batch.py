@@ -1,0 +1,868 @@
+"""The batch layer (spec §6): a padded ``Batch`` pytree, validation, automatic positions and the
+three splits into ubatches, all as pure jittable functions.
+
+A batch holds at most ``n_batch`` tokens (the static capacity, i.e. the arrays' leading size);
+``n_tokens`` says how many leading slots are real. Every token belongs to one or several sequences,
+given as an ordered list of seq ids whose first entry is the token's *primary* sequence (llama.cpp
+uses only that one for masking, automatic positions and rollback, Q4).
+
+Nothing here raises on bad values inside jit: :func:`validate` returns a :class:`BatchCheck`
+holding an error code and the offending token / sequence, and :func:`raise_for_check` turns it into
+an exception on the host.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxhybrid._status import JaxHybridError
+from jaxhybrid._typing import Array, Bool, Float, Int, Scalar, ScalarBool
+
+__all__ = [
+    "Batch",
+    "BatchCheck",
+    "BatchError",
+    "BatchErrorCode",
+    "SplitKind",
+    "UBatch",
+    "UBatchPlan",
+    "get_ubatch",
+    "make_batch",
+    "raise_for_check",
+    "seq_membership",
+    "split",
+    "split_equal",
+    "split_seq",
+    "split_simple",
+    "validate",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+
+
+class Batch(NamedTuple):
+    """A batch of tokens padded to a static capacity ``n_batch`` (spec §6.1).
+
+    Attributes:
+        token: token ids (0 in padding and when ``embd`` is used).
+        embd: input embeddings instead of token ids, or ``None``.
+        pos: positions; ignored (and filled in by :func:`validate`) when ``auto_pos`` is set.
+        seq_id: seq ids of each token in order; only the first ``n_seq_id[i]`` columns count.
+        n_seq_id: number of seq ids of each token.
+        output: whether a token's output (logits / embedding) is wanted.
+        auto_pos: positions are to be assigned from memory (llama.cpp's missing ``pos``).
+        n_tokens: number of real tokens; slots ``>= n_tokens`` are padding and ignored. It may
+            exceed the capacity, which :func:`validate` reports as ``TOO_MANY_TOKENS``.
+    """
+
+    token: Int[Array, " batch"]
+    embd: Float[Array, "batch embd"] | None
+    pos: Int[Array, " batch"]
+    seq_id: Int[Array, "batch seq_ids"]
+    n_seq_id: Int[Array, " batch"]
+    output: Bool[Array, " batch"]
+    auto_pos: ScalarBool
+    n_tokens: Scalar
+
+    @property
+    def capacity(self) -> int:
+        """The static capacity ``n_batch``."""
+        return self.pos.shape[0]
+
+
+def make_batch(
+    tokens: Sequence[int] | np.ndarray | None = None,
+    *,
+    embd: np.ndarray | None = None,
+    pos: Sequence[int] | np.ndarray | None = None,
+    seq_ids: Sequence[int | Sequence[int]] | np.ndarray | None = None,
+    output: Sequence[bool] | np.ndarray | None = None,
+    output_all: bool = False,
+    n_batch: int | None = None,
+    n_seq_id_max: int | None = None,
+) -> Batch:
+    """Builds a padded :class:`Batch` on the host from Python lists or NumPy arrays.
+
+    Defaults follow llama.cpp (§6.2.3): no ``seq_ids`` -> every token in sequence 0; no ``pos`` ->
+    automatic positions (continuing what memory holds, assigned by :func:`validate`); no
+    ``output`` -> only the last token outputs, or every token when ``output_all``.
+
+    Args:
+        tokens: token ids (exclusive with ``embd``).
+        embd: ``[n_tokens, n_embd]`` input embeddings (exclusive with ``tokens``).
+        pos: explicit positions, one per token.
+        seq_ids: per token an int or a sequence of ints (first = primary sequence).
+        output: per-token output flags.
+        output_all: default every token to output (embeddings / ``embd_all``).
+        n_batch: static capacity (default: the number of tokens, at least 1). More tokens than
+            ``n_batch`` are not an exception here: the batch keeps the true count in
+            ``n_tokens`` and :func:`validate` reports ``TOO_MANY_TOKENS``.
+        n_seq_id_max: static number of seq-id columns (default: the most any token has, >= 1).
+
+    Returns:
+        A :class:`Batch` of NumPy-backed JAX arrays.
+
+    Examples:
+        >>> b = make_batch([5, 6, 7], seq_ids=[0, 0, [0, 1]], n_batch=4)
+        >>> b.n_tokens.item(), b.seq_id.shape, b.output.tolist()
+        (3, (4, 2), [False, False, True, False])
+    """
+    if (tokens is None) == (embd is None):
+        raise ValueError("give exactly one of tokens and embd")
+    if embd is not None:
+        embd = np.asarray(embd, np.float32)
+        if embd.ndim != 2:
+            raise ValueError(f"embd must be [n_tokens, n_embd], got shape {embd.shape}")
+        n = embd.shape[0]
+        token_arr = np.zeros((n,), np.int64)
+    else:
+        token_arr = np.asarray(tokens, np.int64).reshape(-1)
+        n = token_arr.shape[0]
+    if n_batch is None:
+        n_batch = max(n, 1)
+    if n_batch < 1:
+        raise ValueError(f"n_batch must be >= 1, got {n_batch}")
+
+    if seq_ids is None:
+        seq_lists = [[0]] * n
+    else:
+        if len(seq_ids) != n:
+            raise ValueError(f"seq_ids has {len(seq_ids)} entries for {n} tokens")
+        seq_lists = [
+            [int(s)] if np.ndim(s) == 0 else [int(x) for x in np.asarray(s).reshape(-1)]
+            for s in seq_ids
+        ]
+    widest = max((len(s) for s in seq_lists), default=1)
+    if n_seq_id_max is None:
+        n_seq_id_max = max(widest, 1)
+    if widest > n_seq_id_max:
+        raise ValueError(f"a token has {widest} seq ids, more than n_seq_id_max={n_seq_id_max}")
+
+    auto_pos = pos is None
+    if pos is not None:
+        pos_arr = np.asarray(pos, np.int64).reshape(-1)
+        if pos_arr.shape[0] != n:
+            raise ValueError(f"pos has {pos_arr.shape[0]} entries for {n} tokens")
+    else:
+        pos_arr = np.zeros((n,), np.int64)
+
+    if output is not None:
+        out_arr = np.asarray(output, bool).reshape(-1)
+        if out_arr.shape[0] != n:
+            raise ValueError(f"output has {out_arr.shape[0]} entries for {n} tokens")
+    else:
+        out_arr = np.zeros((n,), bool)
+        if output_all:
+            out_arr[:] = True
+        elif n:
+            out_arr[-1] = True
+
+    m = min(n, n_batch)
+
+    def pad(a, fill, dtype):
+        full = np.full((n_batch, *a.shape[1:]), fill, dtype)
+        full[:m] = a[:m]
+        return full
+
+    def as_i32(a, what):
+        # Values outside int32 cannot be represented; clamp to an always-invalid value so that
+        # validation still reports them (token ids and positions are checked for range).
+        lo, hi = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+        return np.clip(a, lo, hi).astype(np.int32)
+
+    seq_arr = np.full((max(n, 0), n_seq_id_max), -1, np.int64)
+    n_seq_arr = np.zeros((n,), np.int64)
+    for i, s in enumerate(seq_lists):
+        seq_arr[i, : len(s)] = s
+        n_seq_arr[i] = len(s)
+
+    return Batch(
+        token=jnp.asarray(pad(as_i32(token_arr, "token"), 0, np.int32)),
+        embd=None if embd is None else jnp.asarray(pad(embd, 0.0, np.float32)),
+        pos=jnp.asarray(pad(as_i32(pos_arr, "pos"), 0, np.int32)),
+        seq_id=jnp.asarray(pad(as_i32(seq_arr, "seq_id"), -1, np.int32)),
+        n_seq_id=jnp.asarray(pad(as_i32(n_seq_arr, "n_seq_id"), 0, np.int32)),
+        output=jnp.asarray(pad(out_arr, False, bool)),
+        auto_pos=jnp.asarray(auto_pos),
+        n_tokens=jnp.asarray(n, jnp.int32),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (§6.2)
+
+
+class BatchErrorCode(enum.IntEnum):
+    """Why a batch was rejected; checked in this order, the first failing rule is reported."""
+
+    OK = 0
+    EMPTY = 1  # n_tokens == 0
+    TOO_MANY_TOKENS = 2  # n_tokens > n_batch (expected = n_batch, found = n_tokens)
+    TOKEN_OUT_OF_RANGE = 3  # token id outside [0, n_vocab) (expected = n_vocab, found = id)
+    NO_SEQ_ID = 4  # a token with no seq id (or more than the batch has columns for)
+    SEQ_ID_OUT_OF_RANGE = 5  # seq id outside [0, n_seq_max) (expected = n_seq_max, found = id)
+    DUPLICATE_SEQ_ID = 6  # a token lists the same seq id twice
+    NEGATIVE_POSITION = 7  # an explicit position < 0
+    POSITION_NOT_INCREASING = 8  # positions of a sequence must strictly increase (Q2 fix)
+    POSITION_NOT_CONSECUTIVE = 9  # first position != memory seq_pos_max + 1 (§6.2.6)
+    POSITION_GAP = 10  # a gap between two positions of a sequence inside the batch (§6.2.6)
+    COUPLED_DIVERGED = 11  # coupled sequences whose memory min/max differ (§6.2.7)
+    SEQ_SETS_NOT_NESTED = 12  # two seq sets share a sequence but neither contains the other (Q2)
+
+
+_MESSAGES = {
+    BatchErrorCode.EMPTY: "the batch has no tokens",
+    BatchErrorCode.TOO_MANY_TOKENS: "the batch has more tokens than its capacity n_batch",
+    BatchErrorCode.TOKEN_OUT_OF_RANGE: "token id out of range [0, n_vocab)",
+    BatchErrorCode.NO_SEQ_ID: "token has no valid list of seq ids",
+    BatchErrorCode.SEQ_ID_OUT_OF_RANGE: "seq id out of range [0, n_seq_max)",
+    BatchErrorCode.DUPLICATE_SEQ_ID: "token lists the same seq id twice",
+    BatchErrorCode.NEGATIVE_POSITION: "negative position",
+    BatchErrorCode.POSITION_NOT_INCREASING: "positions of a sequence must strictly increase",
+    BatchErrorCode.POSITION_NOT_CONSECUTIVE: (
+        "positions must continue the sequence in memory (seq_pos_max + 1)"
+    ),
+    BatchErrorCode.POSITION_GAP: "positions of a sequence have a gap inside the batch",
+    BatchErrorCode.COUPLED_DIVERGED: (
+        "coupled sequences (a token lists both) hold different position ranges in memory"
+    ),
+    BatchErrorCode.SEQ_SETS_NOT_NESTED: (
+        "two tokens' seq sets share a sequence but neither set contains the other"
+    ),
+}
+
+
+class BatchCheck(NamedTuple):
+    """Result of :func:`validate`: an error code and where it happened.
+
+    ``token`` / ``seq`` are -1 when they do not apply. ``expected`` / ``found`` carry the values
+    named in :class:`BatchErrorCode`; for positions they are the expected and found position; for
+    ``SEQ_SETS_NOT_NESTED`` ``found`` is the index of the earlier conflicting token; for
+    ``COUPLED_DIVERGED`` they are the memory ``seq_pos_max`` (or ``seq_pos_min`` when the maxima
+    agree) of the primary and of the coupled sequence.
+    """
+
+    code: Scalar
+    token: Scalar
+    seq: Scalar
+    expected: Scalar
+    found: Scalar
+
+    @property
+    def ok(self) -> ScalarBool:
+        return self.code == BatchErrorCode.OK
+
+
+class BatchError(JaxHybridError, ValueError):
+    """Raised by :func:`raise_for_check` for an invalid batch."""
+
+    def __init__(self, check: BatchCheck):
+        code = BatchErrorCode(int(check.code))
+        self.code = code
+        self.token = int(check.token)
+        self.seq = int(check.seq)
+        self.expected = int(check.expected)
+        self.found = int(check.found)
+        parts = [f"invalid batch ({code.name}): {_MESSAGES.get(code, code.name)}"]
+        if self.token >= 0:
+            parts.append(f"token {self.token}")
+        if self.seq >= 0:
+            parts.append(f"seq {self.seq}")
+        if code in (
+            BatchErrorCode.POSITION_NOT_INCREASING,
+            BatchErrorCode.POSITION_NOT_CONSECUTIVE,
+            BatchErrorCode.POSITION_GAP,
+        ):
+            parts.append(f"expected position {self.expected}, found {self.found}")
+        elif code == BatchErrorCode.NEGATIVE_POSITION:
+            parts.append(f"found position {self.found}")
+        elif code == BatchErrorCode.SEQ_SETS_NOT_NESTED:
+            parts.append(f"conflicts with token {self.found}")
+        elif code in (
+            BatchErrorCode.TOO_MANY_TOKENS,
+            BatchErrorCode.TOKEN_OUT_OF_RANGE,
+            BatchErrorCode.SEQ_ID_OUT_OF_RANGE,
+        ):
+            parts.append(f"limit {self.expected}, found {self.found}")
+        elif code == BatchErrorCode.COUPLED_DIVERGED:
+            parts.append(f"primary has {self.expected}, coupled sequence has {self.found}")
+        super().__init__(", ".join(parts))
+
+
+def raise_for_check(check: BatchCheck) -> None:
+    """Raises :class:`BatchError` if ``check`` reports an error (host side; syncs with device)."""
+    if int(check.code) != BatchErrorCode.OK:
+        raise BatchError(check)
+
+
+def _valid_tokens(batch: Batch) -> Bool[Array, " batch"]:
+    return jnp.arange(batch.capacity) < batch.n_tokens
+
+
+def _seq_columns_valid(batch: Batch) -> Bool[Array, "batch seq_ids"]:
+    cols = jnp.arange(batch.seq_id.shape[1])
+    return (cols[None, :] < batch.n_seq_id[:, None]) & _valid_tokens(batch)[:, None]
+
+
+def seq_membership(batch: Batch, n_seq_max: int) -> Bool[Array, "batch seqs"]:
+    """``[n_batch, n_seq_max]`` membership of each real token in each sequence.
+
+    Seq ids outside ``[0, n_seq_max)`` and padding tokens are dropped (validation reports them).
+    """
+    cols_ok = _seq_columns_valid(batch)
+    onehot = jax.nn.one_hot(jnp.where(cols_ok, batch.seq_id, -1), n_seq_max, dtype=jnp.bool_)
+    return jnp.any(onehot, axis=1)
+
+
+def _first_true(mask: Bool[Array, " n"]) -> tuple[ScalarBool, Scalar]:
+    """(any, index of the first True or -1)."""
+    any_ = jnp.any(mask)
+    return any_, jnp.where(any_, jnp.argmax(mask), -1).astype(jnp.int32)
+
+
+def _assign_positions(
+    batch: Batch, member: Bool[Array, "batch seqs"], seq_pos_max: Int[Array, " seqs"]
+) -> Int[Array, " batch"]:
+    """Automatic positions (§6.2.3): token i continues its primary sequence, and the next
+    position of every sequence it belongs to becomes ``pos_i + 1``."""
+    n_seq_max = member.shape[1]
+    primary = jnp.clip(batch.seq_id[:, 0], 0, n_seq_max - 1)
+
+    def step(next_pos, xs):
+        m, p = xs
+        pos = next_pos[p]
+        return jnp.where(m, pos + 1, next_pos), pos
+
+    _, pos = jax.lax.scan(step, seq_pos_max.astype(jnp.int32) + 1, (member, primary))
+    return jnp.where(_valid_tokens(batch), pos, 0)
+
+
+def validate(
+    batch: Batch,
+    seq_pos_min: Int[Array, " seqs"],
+    seq_pos_max: Int[Array, " seqs"],
+    *,
+    n_seq_max: int,
+    n_vocab: int | None = None,
+    output_all: bool = False,
+) -> tuple[Batch, BatchCheck]:
+    """Validates a batch against spec §6.2 and fills in automatic positions.
+
+    Args:
+        batch: the batch.
+        seq_pos_min: ``[n_seq_max]`` smallest position memory holds per sequence (-1 = none).
+        seq_pos_max: ``[n_seq_max]`` largest position memory holds per sequence (-1 = none).
+        n_seq_max: static number of sequence ids.
+        n_vocab: static vocabulary size, or None to skip the token-id check (embeddings).
+        output_all: every token must output (embeddings); flags are forced on (§6.2.3).
+
+    Returns:
+        ``(batch, check)``: the batch with positions assigned (when ``auto_pos``) and output
+        flags forced (when ``output_all``), and a :class:`BatchCheck`. Only trust the returned
+        batch when ``check.code == OK``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> mem_min = mem_max = jnp.full((2,), -1, jnp.int32)
+        >>> b, check = validate(make_batch([1, 2], seq_ids=[0, 1]), mem_min, mem_max, n_seq_max=2)
+        >>> int(check.code), b.pos.tolist()
+        (0, [0, 0])
+    """
+    chex_shape = (n_seq_max,)
+    if seq_pos_min.shape != chex_shape or seq_pos_max.shape != chex_shape:
+        raise ValueError(
+            f"seq_pos_min/max must have shape {chex_shape}, "
+            f"got {seq_pos_min.shape} and {seq_pos_max.shape}"
+        )
+    n_batch = batch.capacity
+    i32 = jnp.int32
+    valid = _valid_tokens(batch)
+    idx = jnp.arange(n_batch, dtype=i32)
+    cols_ok = _seq_columns_valid(batch)
+    member = seq_membership(batch, n_seq_max)
+
+    pos = jnp.where(
+        batch.auto_pos, _assign_positions(batch, member, seq_pos_max), batch.pos
+    ).astype(i32)
+    output = batch.output | (valid if output_all else False)
+    batch = batch._replace(pos=jnp.where(valid, pos, 0), output=output & valid)
+
+    # Each rule yields (failed, token, seq, expected, found); the first failing rule wins.
+    rules = []
+    minus1 = jnp.int32(-1)
+
+    rules.append((batch.n_tokens <= 0, minus1, minus1, i32(1), batch.n_tokens))
+    rules.append((batch.n_tokens > n_batch, minus1, minus1, i32(n_batch), batch.n_tokens))
+
+    if n_vocab is not None and batch.embd is None:
+        bad = valid & ((batch.token < 0) | (batch.token >= n_vocab))
+        any_, t = _first_true(bad)
+        rules.append((any_, t, minus1, i32(n_vocab), batch.token[jnp.maximum(t, 0)]))
+
+    bad = valid & ((batch.n_seq_id < 1) | (batch.n_seq_id > batch.seq_id.shape[1]))
+    any_, t = _first_true(bad)
+    rules.append((any_, t, minus1, i32(1), batch.n_seq_id[jnp.maximum(t, 0)]))
+
+    bad_cell = cols_ok & ((batch.seq_id < 0) | (batch.seq_id >= n_seq_max))
+    any_, t = _first_true(jnp.any(bad_cell, axis=1))
+    row = jnp.maximum(t, 0)
+    bad_id = batch.seq_id[row, jnp.argmax(bad_cell[row])]
+    rules.append((any_, t, bad_id, i32(n_seq_max), bad_id))
+
+    same = (batch.seq_id[:, :, None] == batch.seq_id[:, None, :]) & (
+        cols_ok[:, :, None] & cols_ok[:, None, :]
+    )
+    k = batch.seq_id.shape[1]
+    dup_cell = jnp.any(same & ~jnp.eye(k, dtype=bool)[None], axis=2)
+    any_, t = _first_true(jnp.any(dup_cell, axis=1))
+    row = jnp.maximum(t, 0)
+    dup_id = batch.seq_id[row, jnp.argmax(dup_cell[row])]
+    rules.append((any_, t, dup_id, minus1, dup_id))
+
+    bad = valid & ~batch.auto_pos & (batch.pos < 0)
+    any_, t = _first_true(bad)
+    rules.append((any_, t, minus1, i32(0), batch.pos[jnp.maximum(t, 0)]))
+
+    # Per-sequence position rules, on [n_batch, n_seq_max]: the previous position of each
+    # sequence before token i (exclusive running max; positions are >= 0 here).
+    member_pos = jnp.where(member, batch.pos[:, None], -1)
+    running = jax.lax.cummax(member_pos, axis=0)
+    prev = jnp.concatenate([jnp.full((1, n_seq_max), -1, i32), running[:-1]], axis=0)
+    has_prev = prev >= 0
+
+    def first_cell(bad_cells):
+        any_, t = _first_true(jnp.any(bad_cells, axis=1))
+        row = jnp.maximum(t, 0)
+        s = jnp.argmax(bad_cells[row]).astype(i32)
+        return any_, t, jnp.where(any_, s, -1), row, s
+
+    bad_cells = member & has_prev & (batch.pos[:, None] <= prev)
+    any_, t, s, row, s0 = first_cell(bad_cells)
+    rules.append((any_, t, s, prev[row, s0] + 1, batch.pos[row]))
+
+    # First token of each sequence in the batch must continue memory (if memory holds it).
+    is_first = member & ~has_prev
+    bad_cells = is_first & (seq_pos_max[None, :] >= 0) & (batch.pos[:, None] != seq_pos_max + 1)
+    any_, t, s, row, s0 = first_cell(bad_cells)
+    rules.append((any_, t, s, seq_pos_max[s0] + 1, batch.pos[row]))
+
+    bad_cells = member & has_prev & (batch.pos[:, None] != prev + 1)
+    any_, t, s, row, s0 = first_cell(bad_cells)
+    rules.append((any_, t, s, prev[row, s0] + 1, batch.pos[row]))
+
+    # Coupling (§6.2.7): token lists s0 first and s1 later -> memory ranges must agree.
+    primary = jnp.clip(batch.seq_id[:, 0], 0, n_seq_max - 1)
+    p_min, p_max = seq_pos_min[primary], seq_pos_max[primary]
+    bad_cells = (
+        member
+        & (jnp.arange(n_seq_max)[None, :] != primary[:, None])
+        & ((seq_pos_min[None, :] != p_min[:, None]) | (seq_pos_max[None, :] != p_max[:, None]))
+    )
+    any_, t, s, row, s0 = first_cell(bad_cells)
+    max_differs = seq_pos_max[s0] != p_max[row]
+    rules.append(
+        (
+            any_,
+            t,
+            s,
+            jnp.where(max_differs, p_max[row], p_min[row]),
+            jnp.where(max_differs, seq_pos_max[s0], seq_pos_min[s0]),
+        )
+    )
+
+    # Nesting (Q2): sets sharing a sequence must be nested. i32 matmuls count shared members and
+    # members of one set missing from the other.
+    mi = member.astype(i32)
+    shared = mi @ mi.T
+    i_not_in_j = mi @ (1 - mi).T
+    conflict = (shared > 0) & (i_not_in_j > 0) & (i_not_in_j.T > 0)
+    earlier = idx[None, :] < idx[:, None]  # [j, i]: i earlier than j
+    conflict_j = conflict & earlier
+    any_, t = _first_true(jnp.any(conflict_j, axis=1))
+    row = jnp.maximum(t, 0)
+    other = jnp.argmax(conflict_j[row]).astype(i32)
+    s = jnp.argmax(member[row] & member[other]).astype(i32)
+    rules.append((any_, t, jnp.where(any_, s, -1), minus1, jnp.where(any_, other, -1)))
+
+    codes = [
+        BatchErrorCode.EMPTY,
+        BatchErrorCode.TOO_MANY_TOKENS,
+        *(
+            [BatchErrorCode.TOKEN_OUT_OF_RANGE]
+            if n_vocab is not None and batch.embd is None
+            else []
+        ),
+        BatchErrorCode.NO_SEQ_ID,
+        BatchErrorCode.SEQ_ID_OUT_OF_RANGE,
+        BatchErrorCode.DUPLICATE_SEQ_ID,
+        BatchErrorCode.NEGATIVE_POSITION,
+        BatchErrorCode.POSITION_NOT_INCREASING,
+        BatchErrorCode.POSITION_NOT_CONSECUTIVE,
+        BatchErrorCode.POSITION_GAP,
+        BatchErrorCode.COUPLED_DIVERGED,
+        BatchErrorCode.SEQ_SETS_NOT_NESTED,
+    ]
+    assert len(codes) == len(rules)
+    check = BatchCheck(i32(0), minus1, minus1, minus1, minus1)
+    for code, (failed, t, s, exp, found) in reversed(list(zip(codes, rules, strict=True))):
+        new = BatchCheck(i32(code), t, s, exp, found)
+        check = jax.tree.map(
+            lambda a, b, failed=failed: jnp.where(failed, a, b).astype(i32), new, check
+        )
+    return batch, check
+
+
+# --------------------------------------------------------------------------------------------
+# Plans and splits (§6.4-§6.9)
+
+
+class SplitKind(enum.IntEnum):
+    """How a batch is cut into ubatches (§6.5-§6.7)."""
+
+    SIMPLE = 0
+    EQUAL = 1
+    SEQ = 2
+
+
+class UBatchPlan(NamedTuple):
+    """The ubatches of a batch, in processing order (static shapes).
+
+    Ubatch ``u < n_ubatches`` consists of the batch tokens
+    ``order[start[u] : start[u] + n_tokens[u]]`` in that order. For the equal and seq splits the
+    tokens are grouped by seq set: set ``k`` is ``[k * n_seq_tokens[u], (k+1) * n_seq_tokens[u])``;
+    for the simple split every token is its own set (``n_seq_tokens == 1``).
+
+    Attributes:
+        order: batch indices in processing order (``n_batch`` long; padding repeats 0).
+        start: first slot of each ubatch in ``order``.
+        n_tokens: tokens per ubatch (``<= n_ubatch``, Q3 fixed).
+        n_seqs: seq sets per ubatch (``n_tokens`` for the simple split).
+        n_seq_tokens: tokens per seq set.
+        n_ubatches: number of ubatches.
+        complete: every real token was placed in a ubatch (else the batch cannot be split, e.g.
+            coupled sequences under a sequential split, §6.6.1); callers fail with FAILED_PREPARE.
+        out_ids: batch indices of the output tokens in processing order (-1 padded) (§6.4).
+        n_outputs: number of output tokens.
+    """
+
+    order: Int[Array, " batch"]
+    start: Int[Array, " ubatches"]
+    n_tokens: Int[Array, " ubatches"]
+    n_seqs: Int[Array, " ubatches"]
+    n_seq_tokens: Int[Array, " ubatches"]
+    n_ubatches: Scalar
+    complete: ScalarBool
+    out_ids: Int[Array, " batch"]
+    n_outputs: Scalar
+
+
+class UBatch(NamedTuple):
+    """One ubatch materialised from a batch and a plan, padded to ``n_ubatch`` (§6.3).
+
+    Slots ``t >= n_tokens`` are padding (``valid`` False, ``seq`` all False, ``seq_id`` -1).
+    Token ``t`` belongs to seq set ``t // n_seq_tokens``.
+    """
+
+    token: Int[Array, " ubatch"]
+    embd: Float[Array, "ubatch embd"] | None
+    pos: Int[Array, " ubatch"]
+    seq_id: Int[Array, "ubatch seq_ids"]
+    seq: Bool[Array, "ubatch seqs"]
+    output: Bool[Array, " ubatch"]
+    batch_idx: Int[Array, " ubatch"]
+    valid: Bool[Array, " ubatch"]
+    n_tokens: Scalar
+    n_seqs: Scalar
+    n_seq_tokens: Scalar
+
+    @property
+    def primary(self) -> Int[Array, " ubatch"]:
+        """The first seq id of each token (-1 in padding)."""
+        return self.seq_id[:, 0]
+
+    @property
+    def seq_set(self) -> Int[Array, " ubatch"]:
+        """Index of each token's seq set inside the ubatch (-1 in padding)."""
+        t = jnp.arange(self.valid.shape[0], dtype=jnp.int32)
+        return jnp.where(self.valid, t // jnp.maximum(self.n_seq_tokens, 1), -1)
+
+
+def get_ubatch(batch: Batch, plan: UBatchPlan, u, *, n_ubatch: int, n_seq_max: int) -> UBatch:
+    """Materialises ubatch ``u`` (may be traced) of ``plan`` as a padded :class:`UBatch`."""
+    n_batch = batch.capacity
+    t = jnp.arange(n_ubatch, dtype=jnp.int32)
+    u = jnp.asarray(u, jnp.int32)
+    in_range = u < plan.n_ubatches
+    n_tok = jnp.where(in_range, plan.n_tokens[u], 0)
+    valid = t < n_tok
+    bidx = plan.order[jnp.clip(plan.start[u] + t, 0, n_batch - 1)]
+    bidx = jnp.where(valid, bidx, 0)
+    member = seq_membership(batch, n_seq_max)[bidx] & valid[:, None]
+    return UBatch(
+        token=jnp.where(valid, batch.token[bidx], 0),
+        embd=None if batch.embd is None else jnp.where(valid[:, None], batch.embd[bidx], 0),
+        pos=jnp.where(valid, batch.pos[bidx], 0),
+        seq_id=jnp.where(valid[:, None], batch.seq_id[bidx], -1),
+        seq=member,
+        output=valid & batch.output[bidx],
+        batch_idx=jnp.where(valid, bidx, -1),
+        valid=valid,
+        n_tokens=n_tok,
+        n_seqs=jnp.where(in_range, plan.n_seqs[u], 0),
+        n_seq_tokens=jnp.where(in_range, plan.n_seq_tokens[u], 0),
+    )
+
+
+def _finish_plan(
+    batch: Batch,
+    order,
+    start,
+    n_tokens,
+    n_seqs,
+    n_seq_tokens,
+    n_ubatches,
+    placed: Bool[Array, " batch"],
+) -> UBatchPlan:
+    n_batch = batch.capacity
+    valid = _valid_tokens(batch)
+    total = jnp.sum(n_tokens)
+    slot_ok = jnp.arange(n_batch) < total
+    is_out = slot_ok & batch.output[order]
+    row = jnp.cumsum(is_out) - 1
+    out_ids = jnp.full((n_batch,), -1, jnp.int32)
+    out_ids = out_ids.at[jnp.where(is_out, row, n_batch)].set(order, mode="drop")
+    complete = jnp.all(placed | ~valid) & (batch.n_tokens > 0) & (batch.n_tokens <= n_batch)
+    return UBatchPlan(
+        order=jnp.where(slot_ok, order, 0).astype(jnp.int32),
+        start=start.astype(jnp.int32),
+        n_tokens=n_tokens.astype(jnp.int32),
+        n_seqs=n_seqs.astype(jnp.int32),
+        n_seq_tokens=n_seq_tokens.astype(jnp.int32),
+        n_ubatches=jnp.asarray(n_ubatches, jnp.int32),
+        complete=complete,
+        out_ids=out_ids,
+        n_outputs=jnp.sum(is_out).astype(jnp.int32),
+    )
+
+
+def _n_ubatches_bound(batch: Batch, max_ubatches: int | None) -> int:
+    return batch.capacity if max_ubatches is None else max_ubatches
+
+
+def split_simple(batch: Batch, *, n_ubatch: int, max_ubatches: int | None = None) -> UBatchPlan:
+    """Consecutive chunks of ``n_ubatch`` tokens in batch order (§6.5)."""
+    n_batch = batch.capacity
+    n_max = _n_ubatches_bound(batch, max_ubatches)
+    n = jnp.clip(batch.n_tokens, 0, n_batch)
+    n_ub = jnp.minimum((n + n_ubatch - 1) // n_ubatch, n_max)
+    u = jnp.arange(n_max, dtype=jnp.int32)
+    start = u * n_ubatch
+    n_tok = jnp.where(u < n_ub, jnp.clip(n - start, 0, n_ubatch), 0)
+    order = jnp.arange(n_batch, dtype=jnp.int32)
+    placed = order < jnp.minimum(n, n_ub * n_ubatch)
+    return _finish_plan(
+        batch,
+        order,
+        jnp.where(u < n_ub, start, 0),
+        n_tok,
+        n_tok,
+        jnp.minimum(n_tok, 1),
+        n_ub,
+        placed,
+    )
+
+
+def _set_keys(member: Bool[Array, "batch seqs"], valid) -> Int[Array, " batch"]:
+    """For each token, the index of the first token with exactly the same seq set."""
+    mi = member.astype(jnp.int32)
+    shared = mi @ mi.T
+    size = jnp.sum(mi, axis=1)
+    same = (shared == size[:, None]) & (shared == size[None, :]) & valid[None, :] & valid[:, None]
+    return jnp.argmax(same, axis=1).astype(jnp.int32)
+
+
+class _SplitState(NamedTuple):
+    used: Bool[Array, " batch"]
+    order: Int[Array, " batch"]
+    start: Int[Array, " ubatches"]
+    n_tokens: Int[Array, " ubatches"]
+    n_seqs: Int[Array, " ubatches"]
+    n_seq_tokens: Int[Array, " ubatches"]
+    u: Scalar
+    filled: Scalar
+    stalled: ScalarBool
+
+
+def _run_splits(batch: Batch, n_max: int, take_ubatch) -> UBatchPlan:
+    """Repeatedly takes ubatches with ``take_ubatch(used) -> (sel, slot, n_seqs, n_seq_tokens)``
+    until every real token is used, the bound is hit or no ubatch can be formed."""
+    n_batch = batch.capacity
+    valid = _valid_tokens(batch)
+    zeros_u = jnp.zeros((n_max,), jnp.int32)
+    init = _SplitState(
+        used=~valid,
+        order=jnp.zeros((n_batch,), jnp.int32),
+        start=zeros_u,
+        n_tokens=zeros_u,
+        n_seqs=zeros_u,
+        n_seq_tokens=zeros_u,
+        u=jnp.int32(0),
+        filled=jnp.int32(0),
+        stalled=jnp.bool_(False),
+    )
+    ok_size = (batch.n_tokens > 0) & (batch.n_tokens <= n_batch)
+
+    def cond(st: _SplitState):
+        return ok_size & ~st.stalled & (st.u < n_max) & ~jnp.all(st.used)
+
+    def body(st: _SplitState):
+        sel, slot, n_seqs, n_seq_tokens = take_ubatch(st.used)
+        n_tok = jnp.sum(sel).astype(jnp.int32)
+        dest = jnp.where(sel, st.filled + slot, n_batch)
+        order = st.order.at[dest].set(jnp.arange(n_batch, dtype=jnp.int32), mode="drop")
+        stalled = n_tok == 0
+        keep = ~stalled
+        return _SplitState(
+            used=st.used | sel,
+            order=order,
+            start=st.start.at[st.u].set(jnp.where(keep, st.filled, 0)),
+            n_tokens=st.n_tokens.at[st.u].set(n_tok),
+            n_seqs=st.n_seqs.at[st.u].set(jnp.where(keep, n_seqs, 0)),
+            n_seq_tokens=st.n_seq_tokens.at[st.u].set(jnp.where(keep, n_seq_tokens, 0)),
+            u=st.u + keep.astype(jnp.int32),
+            filled=st.filled + n_tok,
+            stalled=stalled,
+        )
+
+    st = jax.lax.while_loop(cond, body, init)
+    return _finish_plan(
+        batch, st.order, st.start, st.n_tokens, st.n_seqs, st.n_seq_tokens, st.u, st.used & valid
+    )
+
+
+def split_equal(
+    batch: Batch,
+    *,
+    n_ubatch: int,
+    n_seq_max: int,
+    sequential: bool,
+    max_ubatches: int | None = None,
+) -> UBatchPlan:
+    """Equal split (§6.6): disjoint seq sets advanced in lock-step, ``<= n_ubatch`` tokens (Q3).
+
+    With ``sequential`` the chosen sets' primary ids must be consecutive (needed for per-sequence
+    KV streams) and a batch with coupled sequences (multi-sequence tokens) cannot be split at all:
+    the plan is then returned with ``complete == False`` and no ubatches.
+    """
+    n_batch = batch.capacity
+    valid = _valid_tokens(batch)
+    member = seq_membership(batch, n_seq_max)
+    primary = batch.seq_id[:, 0]
+    key = _set_keys(member, valid)
+    has_coupled = jnp.any(valid & (batch.n_seq_id > 1))
+    blocked = jnp.bool_(sequential) & has_coupled
+    perm = jnp.argsort(key, stable=True)  # tokens grouped by set, batch order inside a set
+    key_sorted = key[perm]
+    idx = jnp.arange(n_batch, dtype=jnp.int32)
+
+    def take_ubatch(used):
+        # 1. Choose seq sets in batch order: disjoint from the chosen ones (and, if sequential,
+        #    primary id = previous + 1), at most n_ubatch of them (Q3 fix).
+        def choose(carry, xs):
+            taken, n_sets, last, chosen, rank_of = carry
+            _, m, p, k, free = xs
+            ok = free & ~jnp.any(m & taken) & (n_sets < n_ubatch)
+            if sequential:
+                ok = ok & ((n_sets == 0) | (p == last + 1))
+            taken = taken | (m & ok)
+            chosen = chosen.at[k].set(chosen[k] | ok)
+            rank_of = rank_of.at[k].set(jnp.where(ok, n_sets, rank_of[k]))
+            return (taken, n_sets + ok, jnp.where(ok, p, last), chosen, rank_of), None
+
+        init = (
+            jnp.zeros((n_seq_max,), bool),
+            jnp.int32(0),
+            jnp.int32(-2),
+            jnp.zeros((n_batch,), bool),
+            jnp.zeros((n_batch,), jnp.int32),
+        )
+        free = valid & ~used & ~blocked
+        (_, n_sets, _, chosen, rank_of), _ = jax.lax.scan(
+            choose, init, (idx, member, primary, key, free)
+        )
+        # 2. Lock-step fill: c tokens from every chosen set, c = min(available, n_ubatch // sets).
+        avail = jax.ops.segment_sum((valid & ~used).astype(jnp.int32), key, n_batch)
+        c_avail = jnp.min(jnp.where(chosen, avail, n_batch))
+        c = jnp.minimum(c_avail, n_ubatch // jnp.maximum(n_sets, 1))
+        c = jnp.where(n_sets > 0, c, 0)
+        # Rank of each unused token inside its set (exclusive segmented cumsum, in batch order).
+        unused_sorted = (valid & ~used)[perm].astype(jnp.int32)
+        cs = jnp.cumsum(unused_sorted) - unused_sorted
+        base = jax.ops.segment_min(cs, key_sorted, n_batch)
+        rank = jnp.zeros((n_batch,), jnp.int32).at[perm].set(cs - base[key_sorted])
+        sel = valid & ~used & chosen[key] & (rank < c)
+        slot = rank_of[key] * c + rank
+        return sel, slot, n_sets, c
+
+    return _run_splits(batch, _n_ubatches_bound(batch, max_ubatches), take_ubatch)
+
+
+def split_seq(
+    batch: Batch, *, n_ubatch: int, n_seq_max: int, max_ubatches: int | None = None
+) -> UBatchPlan:
+    """Seq split (§6.7): from the first unused token, add later unused tokens whose seq set is a
+    subset of the current one (the current set narrows to it), up to ``n_ubatch`` tokens."""
+    n_batch = batch.capacity
+    valid = _valid_tokens(batch)
+    member = seq_membership(batch, n_seq_max)
+    idx = jnp.arange(n_batch, dtype=jnp.int32)
+
+    def take_ubatch(used):
+        free = valid & ~used
+        first = jnp.argmax(free).astype(jnp.int32)
+
+        def step(carry, xs):
+            cur, count = carry
+            i, m, f = xs
+            subset = ~jnp.any(m & ~cur)
+            ok = f & (i >= first) & (count < n_ubatch) & ((i == first) | subset)
+            return (jnp.where(ok, m, cur), count + ok), (ok, count)
+
+        (_, _), (sel, slot) = jax.lax.scan(step, (member[first], jnp.int32(0)), (idx, member, free))
+        return sel, slot, jnp.int32(1), jnp.sum(sel).astype(jnp.int32)
+
+    return _run_splits(batch, _n_ubatches_bound(batch, max_ubatches), take_ubatch)
+
+
+def split(
+    batch: Batch,
+    kind: SplitKind,
+    *,
+    n_ubatch: int,
+    n_seq_max: int,
+    sequential: bool = False,
+    max_ubatches: int | None = None,
+) -> UBatchPlan:
+    """Dispatches on the static ``kind`` to the simple, equal or seq split."""
+    if n_ubatch < 1:
+        raise ValueError(f"n_ubatch must be >= 1, got {n_ubatch}")
+    kind = SplitKind(kind)
+    if kind == SplitKind.SIMPLE:
+        return split_simple(batch, n_ubatch=n_ubatch, max_ubatches=max_ubatches)
+    if kind == SplitKind.EQUAL:
+        return split_equal(
+            batch,
+            n_ubatch=n_ubatch,
+            n_seq_max=n_seq_max,
+            sequential=sequential,
+            max_ubatches=max_ubatches,
+        )
+    return split_seq(batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max, max_ubatches=max_ubatches)
