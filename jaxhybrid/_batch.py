@@ -450,7 +450,9 @@ def validate(
 
     # First token of each sequence in the batch must continue memory (if memory holds it).
     is_first = member & ~has_prev
-    bad_cells = is_first & (seq_pos_max[None, :] >= 0) & (batch.pos[:, None] != seq_pos_max[None, :] + 1)
+    bad_cells = (
+        is_first & (seq_pos_max[None, :] >= 0) & (batch.pos[:, None] != seq_pos_max[None, :] + 1)
+    )
     any_, t, s, row, s0 = first_cell(bad_cells)
     rules.append((any_, t, s, seq_pos_max[s0] + 1, batch.pos[row]))
 
