@@ -1,0 +1,683 @@
+"""Recurrent-state memory (spec §5): per-sequence state cells with sharing and copy-on-write.
+
+A recurrent layer keeps no history, only the state after the last absorbed token. The memory has
+``rs_size = max(1, n_seq_max)`` cells; a cell holds one state (an ``r`` convolution window and an
+``s`` SSM state per layer), the last position absorbed into it and the set of sequences sharing it
+(after ``seq_cp``). ``tail[s]`` is the cell holding sequence ``s`` (-1: no state).
+
+Placement (:func:`find_slot`) only changes metadata and returns a :class:`RecurrentSlot`: for each
+seq set of the ubatch the cell to read its initial state from (``src``, -1 = zero state) and the
+cell its final state goes to (``dst``). Layers move data only through :func:`read_states` and
+:func:`write_states`, so copy-on-write needs no eager copy (``src`` = the shared cell, ``dst`` =
+a fresh one), and llama.cpp's contiguous packing (§5.4.6) is not needed: cell indices differ from
+llama.cpp's, everything observable (positions, sharing, return values, failures) is the same.
+
+Every operation is pure and jittable, takes traced int32 scalars for ids and positions, and returns
+a memory of identical structure, shapes and dtypes. An operation that fails returns ``ok=False``
+and its input unchanged, bit for bit (DESIGN differences 1 and 13).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxhybrid._batch import Batch, UBatch, UBatchPlan, get_ubatch
+from jaxhybrid._config import RecurrentConfig
+from jaxhybrid._typing import Array, Bool, Int, Scalar, ScalarBool, Shaped
+
+__all__ = [
+    "RecurrentCells",
+    "RecurrentMemory",
+    "RecurrentSlot",
+    "clear",
+    "find_slot",
+    "init_recurrent",
+    "init_recurrent_cells",
+    "prepare",
+    "read_states",
+    "seq_add",
+    "seq_cp",
+    "seq_div",
+    "seq_keep",
+    "seq_pos_max",
+    "seq_pos_min",
+    "seq_pos_range",
+    "seq_rm",
+    "write_states",
+]
+
+_I32 = jnp.int32
+_POS_INF = np.iinfo(np.int32).max  # an open range end (p1 < 0) normalises to this (§4)
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+
+
+class RecurrentCells(NamedTuple):
+    """Metadata of the recurrent cells (§5.2).
+
+    Attributes:
+        pos: last position absorbed into each cell's state, -1 for an empty cell.
+        seq: ``[rs_size, n_seq_max]`` sequences sharing each cell's state (empty cell: none).
+        tail: the cell holding each sequence's state, -1 when the sequence has none.
+        head: where the circular search for free cells starts (§5.4.4).
+    """
+
+    pos: Int[Array, " rs"]
+    seq: Bool[Array, "rs seqs"]
+    tail: Int[Array, " seqs"]
+    head: Scalar
+
+
+def init_recurrent_cells(cfg: RecurrentConfig) -> RecurrentCells:
+    """Empty cell metadata for ``cfg``."""
+    rs = cfg.rs_size
+    return RecurrentCells(
+        pos=jnp.full((rs,), -1, _I32),
+        seq=jnp.zeros((rs, cfg.n_seq_max), jnp.bool_),
+        tail=jnp.full((cfg.n_seq_max,), -1, _I32),
+        head=jnp.zeros((), _I32),
+    )
+
+
+class RecurrentMemory(NamedTuple):
+    """Recurrent-state memory: cell metadata and the ``r`` / ``s`` states of every layer (§5.3).
+
+    The state buffers are ``[n_layers, rs_size, *shape]``; the live state of cell ``c`` in layer
+    ``l`` is ``r[l, c]``. Extra state planes (e.g. rollback snapshots, §5.10) can be added as
+    further fields without changing these.
+
+    Attributes:
+        cells: the cell metadata.
+        r: ``[n_layers, rs_size, *r_shape]`` convolution / token-shift states (``dtype_r``).
+        s: ``[n_layers, rs_size, *s_shape]`` SSM / WKV / delta-net states (``dtype_s``).
+    """
+
+    cells: RecurrentCells
+    r: Shaped[Array, "layers rs *r_shape"]
+    s: Shaped[Array, "layers rs *s_shape"]
+
+
+def init_recurrent(cfg: RecurrentConfig) -> RecurrentMemory:
+    """An empty recurrent memory with zero-filled states.
+
+    Examples:
+        >>> from jaxhybrid._config import RecurrentConfig
+        >>> mem = init_recurrent(RecurrentConfig(n_seq_max=2, n_layers=3, r_shape=(3, 8)))
+        >>> mem.r.shape, mem.cells.pos.tolist()
+        ((3, 2, 3, 8), [-1, -1])
+    """
+    rs = cfg.rs_size
+    return RecurrentMemory(
+        cells=init_recurrent_cells(cfg),
+        r=jnp.zeros((cfg.n_layers, rs, *cfg.r_shape), cfg.dtype_r),
+        s=jnp.zeros((cfg.n_layers, rs, *cfg.s_shape), cfg.dtype_s),
+    )
+
+
+class RecurrentSlot(NamedTuple):
+    """Placement of one ubatch (what llama.cpp's ``s_copy`` input carries, §5.6).
+
+    Entry ``k`` describes seq set ``k`` (tokens ``[k * n_seq_tokens, (k+1) * n_seq_tokens)``);
+    entries ``k >= n_seqs`` are unused (-1). Both arrays are all -1 when ``ok`` is False.
+
+    Attributes:
+        src: cell to read the set's initial state from, -1 for a zero state (new sequence).
+        dst: cell the set's final state is written to.
+        ok: placement succeeded.
+    """
+
+    src: Int[Array, " ubatch"]
+    dst: Int[Array, " ubatch"]
+    ok: ScalarBool
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _check_memory(mem: RecurrentMemory, cfg: RecurrentConfig) -> None:
+    """Trace-time check that ``mem`` was built for ``cfg``."""
+    rs, n = cfg.rs_size, cfg.n_seq_max
+    expected = {
+        "cells.pos": ((rs,), np.dtype(np.int32)),
+        "cells.seq": ((rs, n), np.dtype(np.bool_)),
+        "cells.tail": ((n,), np.dtype(np.int32)),
+        "cells.head": ((), np.dtype(np.int32)),
+        "r": ((cfg.n_layers, rs, *cfg.r_shape), cfg.dtype_r),
+        "s": ((cfg.n_layers, rs, *cfg.s_shape), cfg.dtype_s),
+    }
+    found = {
+        "cells.pos": mem.cells.pos,
+        "cells.seq": mem.cells.seq,
+        "cells.tail": mem.cells.tail,
+        "cells.head": mem.cells.head,
+        "r": mem.r,
+        "s": mem.s,
+    }
+    for name, (shape, dtype) in expected.items():
+        a = found[name]
+        if tuple(a.shape) != shape or np.dtype(a.dtype) != dtype:
+            raise ValueError(
+                f"recurrent memory field {name} must be {dtype}{list(shape)} for this config, "
+                f"got {np.dtype(a.dtype)}{list(a.shape)}"
+            )
+
+
+def _select(pred: ScalarBool, new, old):
+    """``new`` where ``pred`` else ``old``, leaf by leaf (for small metadata only)."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _scalar(x) -> Scalar:
+    x = jnp.asarray(x)
+    if x.shape != ():
+        raise ValueError(f"expected a scalar, got shape {x.shape}")
+    return x.astype(_I32)
+
+
+def _seq_ok(seq: Scalar, cfg: RecurrentConfig) -> ScalarBool:
+    return (seq >= 0) & (seq < cfg.n_seq_max)
+
+
+def _normalise_range(p0: Scalar, p1: Scalar) -> tuple[Scalar, Scalar]:
+    """``p0 < 0 -> 0``, ``p1 < 0 -> +inf`` (§4)."""
+    return jnp.where(p0 < 0, 0, p0), jnp.where(p1 < 0, _POS_INF, p1)
+
+
+def _lower_head(head: Scalar, freed: Bool[Array, " rs"]) -> Scalar:
+    """Lowers ``head`` to the first freed cell if that is below it (§5.7.1)."""
+    first = jnp.argmax(freed).astype(_I32)
+    return jnp.where(jnp.any(freed) & (first < head), first, head)
+
+
+def _free_order(cells: RecurrentCells, head: Scalar) -> tuple[Int[Array, " rs"], Scalar]:
+    """Cells sorted so that the empty ones come first in circular order from ``head``
+    (llama.cpp's repeated ``next_empty`` scan, §5.4.4), and the number of empty cells."""
+    rs = cells.pos.shape[0]
+    empty = ~jnp.any(cells.seq, axis=1)
+    order = (jnp.arange(rs, dtype=_I32) - head) % rs
+    key = jnp.where(empty, order, rs + order)
+    return jnp.argsort(key).astype(_I32), jnp.sum(empty).astype(_I32)
+
+
+def _drop_empty(cells: RecurrentCells) -> RecurrentCells:
+    """Cells left without sequences become empty (``pos = -1``)."""
+    return cells._replace(pos=jnp.where(jnp.any(cells.seq, axis=1), cells.pos, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# Placement (§5.4, §5.5)
+
+
+def _find_slot_cells(
+    cells: RecurrentCells, ubatch: UBatch, cfg: RecurrentConfig
+) -> tuple[RecurrentCells, RecurrentSlot]:
+    """``find_slot`` on the metadata only (shared by :func:`find_slot` and :func:`prepare`)."""
+    rs, n_seq = cfg.rs_size, cfg.n_seq_max
+    n_ub = ubatch.valid.shape[0]
+    if ubatch.seq.shape[1] != n_seq:
+        raise ValueError(
+            f"ubatch.seq has {ubatch.seq.shape[1]} sequence columns, the memory {n_seq}"
+        )
+    n_sets = ubatch.n_seqs.astype(_I32)
+    n_tok = ubatch.n_seq_tokens.astype(_I32)
+    k = jnp.arange(n_ub, dtype=_I32)
+    set_ok = k < n_sets
+    first = jnp.clip(k * n_tok, 0, n_ub - 1)
+    last = jnp.clip(k * n_tok + n_tok - 1, 0, n_ub - 1)
+
+    # §5.4.2: every seq id of a set's first token must be a cell index. Column 0 is the primary
+    # id; -1 marks an unused column after it.
+    ids = ubatch.seq_id[first]
+    col = jnp.arange(ids.shape[1])[None, :]
+    present = set_ok[:, None] & ((col == 0) | (ids != -1))
+    bad_id = jnp.any(present & ((ids < 0) | (ids >= rs)))
+    primary = jnp.clip(ids[:, 0], 0, n_seq - 1)
+    members = ubatch.seq[first] & set_ok[:, None]  # [n_ub, n_seq]: every id of set k
+    # Sets of an equal split are disjoint; llama.cpp asserts on anything else.
+    overlap = jnp.any(jnp.sum(members.astype(_I32), axis=0) > 1)
+    prim = members & (jnp.arange(n_seq)[None, :] == primary[:, None])
+
+    # §5.4.1: restart heuristic for the free-cell search.
+    used = jnp.sum(jnp.any(cells.seq, axis=1)).astype(_I32)
+    head = jnp.where(cells.head > used + 2 * n_sets, 0, cells.head)
+
+    # §5.4.3: secondary ids leave the cell they hold (it may become free); they are merged into
+    # their primary's cell below (§5.4.7).
+    secondary = jnp.any(members & ~prim, axis=0)
+    seq1 = cells.seq & ~secondary[None, :]
+    cells1 = _drop_empty(
+        cells._replace(seq=seq1, tail=jnp.where(secondary, -1, cells.tail), head=head)
+    )
+
+    # §5.4.5: a primary keeps its tail cell if it is the only sequence left in it. Earlier sets
+    # whose primary shared that cell have moved out (they found it shared), so set k keeps it iff
+    # every member is the primary of a set <= k.
+    tail_p = cells1.tail[primary]
+    has_tail = set_ok & (tail_p >= 0)
+    cell_members = cells1.seq[jnp.clip(tail_p, 0, rs - 1)]
+    seen = jnp.cumsum(prim.astype(_I32), axis=0) > 0
+    keep = has_tail & jnp.all(~cell_members | seen, axis=1)
+    need = set_ok & ~keep
+    # The sets needing a cell take the free cells in circular order from head (§5.4.4-5); a
+    # shared tail is copied on write: the set reads the shared cell and writes the new one.
+    free_cells, n_free = _free_order(cells1, head)
+    rank = jnp.cumsum(need.astype(_I32)) - 1
+    no_cell = jnp.sum(need.astype(_I32)) > n_free
+    cell = jnp.where(keep, tail_p, free_cells[jnp.clip(rank, 0, rs - 1)])
+    cell = jnp.where(set_ok, cell, -1)
+    src = jnp.where(has_tail, tail_p, -1)
+
+    # §5.4.7: each set's cell gets the last position of the set and exactly the first token's ids;
+    # those ids leave any other cell and point their tail at it.
+    any_member = jnp.any(members, axis=0)
+    cell_drop = jnp.where(set_ok, cell, rs)
+    seq2 = (cells1.seq & ~any_member[None, :]).at[cell_drop].set(members, mode="drop")
+    pos2 = cells1.pos.at[cell_drop].set(ubatch.pos[last].astype(_I32), mode="drop")
+    set_of_seq = jnp.argmax(members, axis=0)
+    tail2 = jnp.where(any_member, cell[set_of_seq], cells1.tail)
+    head2 = jnp.min(jnp.where(set_ok, cell, rs)).astype(_I32)
+    new = _drop_empty(RecurrentCells(pos=pos2, seq=seq2, tail=tail2, head=head2))
+
+    ok = ~bad_id & ~overlap & ~no_cell
+    apply = ok & (n_sets > 0)
+    minus1 = jnp.full((n_ub,), -1, _I32)
+    slot = RecurrentSlot(
+        src=jnp.where(ok, src, minus1).astype(_I32),
+        dst=jnp.where(ok, cell, minus1).astype(_I32),
+        ok=ok,
+    )
+    return _select(apply, new, cells), slot
+
+
+def find_slot(
+    mem: RecurrentMemory, ubatch: UBatch, cfg: RecurrentConfig
+) -> tuple[RecurrentMemory, RecurrentSlot]:
+    """Places one ubatch of an equal (or seq) split in the memory (§5.4).
+
+    Each seq set keeps its sequence's cell when no other sequence shares it; otherwise it moves to
+    a free cell, starting from the shared state (copy-on-write) or from zeros (new sequence). The
+    secondary seq ids of a set's tokens join the primary's cell. Only metadata changes; the layers
+    then use :func:`read_states` / :func:`write_states` with the returned slot.
+
+    Args:
+        mem: the memory.
+        ubatch: a ubatch with ``cfg.n_seq_max`` sequence columns.
+        cfg: the memory's config.
+
+    Returns:
+        ``(mem, slot)``. When ``slot.ok`` is False (a seq id outside ``[0, rs_size)``, overlapping
+        seq sets, or no free cell) ``mem`` is returned unchanged.
+
+    Examples:
+        >>> from jaxhybrid._batch import make_batch, split_equal, get_ubatch
+        >>> cfg = RecurrentConfig(n_seq_max=2, n_layers=1, r_shape=(2,), s_shape=(2,))
+        >>> b = make_batch([1, 2, 3], pos=[0, 1, 2], n_batch=4)
+        >>> plan = split_equal(b, n_ubatch=4, n_seq_max=2, sequential=True)
+        >>> ub = get_ubatch(b, plan, 0, n_ubatch=4, n_seq_max=2)
+        >>> mem, slot = find_slot(init_recurrent(cfg), ub, cfg)
+        >>> bool(slot.ok), slot.src[0].item(), seq_pos_max(mem, 0, cfg).item()
+        (True, -1, 2)
+    """
+    _check_memory(mem, cfg)
+    cells, slot = _find_slot_cells(mem.cells, ubatch, cfg)
+    return mem._replace(cells=cells), slot
+
+
+def prepare(
+    mem: RecurrentMemory,
+    batch: Batch,
+    plan: UBatchPlan,
+    cfg: RecurrentConfig,
+    *,
+    n_ubatch: int,
+) -> tuple[ScalarBool, Scalar]:
+    """Dry run of :func:`find_slot` over every ubatch of ``plan`` (§5.5); memory is untouched.
+
+    Whether the plan covers the whole batch (``plan.complete``) is the caller's check.
+
+    Returns:
+        ``(ok, failed_ubatch)``: whether every placement succeeds, and the index of the first
+        ubatch that cannot be placed (-1 when ``ok``).
+    """
+    _check_memory(mem, cfg)
+
+    def cond(carry):
+        u, _, ok = carry
+        return ok & (u < plan.n_ubatches)
+
+    def body(carry):
+        u, cells, _ = carry
+        ub = get_ubatch(batch, plan, u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
+        cells, slot = _find_slot_cells(cells, ub, cfg)
+        return jnp.where(slot.ok, u + 1, u), cells, slot.ok
+
+    u, _, ok = jax.lax.while_loop(cond, body, (jnp.int32(0), mem.cells, jnp.bool_(True)))
+    return ok, jnp.where(ok, -1, u).astype(_I32)
+
+
+# --------------------------------------------------------------------------------------------
+# State gather / scatter (§5.6)
+
+
+def _layer_plane(buf: Array, layer, n_layers: int) -> Array:
+    if isinstance(layer, int | np.integer):
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer must be in [0, {n_layers}), got {layer}")
+        return buf[layer]
+    return jax.lax.dynamic_index_in_dim(buf, jnp.asarray(layer, _I32), 0, keepdims=False)
+
+
+def read_states(mem: RecurrentMemory, layer, slot: RecurrentSlot) -> tuple[Array, Array]:
+    """Initial ``r`` / ``s`` state of every seq set of a ubatch in one layer.
+
+    Args:
+        mem: the memory (as returned by :func:`find_slot`).
+        layer: index of the recurrent layer, a static int or a traced int32 scalar.
+        slot: the ubatch's placement.
+
+    Returns:
+        ``(r0, s0)`` of shapes ``[n_ubatch, *r_shape]`` and ``[n_ubatch, *s_shape]``; zeros for
+        sets starting a new sequence (``src == -1``) and for unused entries.
+    """
+    n_layers, rs = mem.r.shape[0], mem.r.shape[1]
+    src = slot.src
+    idx = jnp.clip(src, 0, rs - 1)
+
+    def gather(buf):
+        rows = _layer_plane(buf, layer, n_layers)[idx]
+        keep = (src >= 0).reshape(src.shape + (1,) * (rows.ndim - 1))
+        return jnp.where(keep, rows, jnp.zeros((), rows.dtype))
+
+    return gather(mem.r), gather(mem.s)
+
+
+def write_states(
+    mem: RecurrentMemory, layer, slot: RecurrentSlot, r: Array, s: Array, n_seqs
+) -> RecurrentMemory:
+    """Writes the final ``r`` / ``s`` state of every seq set of a ubatch in one layer.
+
+    Args:
+        mem: the memory (as returned by :func:`find_slot`).
+        layer: index of the recurrent layer, a static int or a traced int32 scalar.
+        slot: the ubatch's placement.
+        r: ``[n_ubatch, *r_shape]`` final convolution states, one per seq set.
+        s: ``[n_ubatch, *s_shape]`` final SSM states.
+        n_seqs: the ubatch's number of seq sets; entries ``>= n_seqs`` are dropped.
+
+    Returns:
+        The memory with the states stored in the slot's destination cells (cast to the buffer
+        dtypes). Nothing is written when ``slot.ok`` is False.
+    """
+    n_layers, rs = mem.r.shape[0], mem.r.shape[1]
+    n_ub = slot.dst.shape[0]
+    for name, x, buf in (("r", r, mem.r), ("s", s, mem.s)):
+        if tuple(x.shape) != (n_ub, *buf.shape[2:]):
+            raise ValueError(f"{name} must have shape {[n_ub, *buf.shape[2:]]}, got {x.shape}")
+    if isinstance(layer, int | np.integer) and not 0 <= layer < n_layers:
+        raise ValueError(f"layer must be in [0, {n_layers}), got {layer}")
+    k = jnp.arange(n_ub, dtype=_I32)
+    write = slot.ok & (k < jnp.asarray(n_seqs, _I32)) & (slot.dst >= 0)
+    dst = jnp.where(write, slot.dst, rs)
+    layer = jnp.asarray(layer, _I32)
+    return mem._replace(
+        r=mem.r.at[layer, dst].set(r.astype(mem.r.dtype), mode="drop"),
+        s=mem.s.at[layer, dst].set(s.astype(mem.s.dtype), mode="drop"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence operations (§5.7)
+
+
+def seq_rm(
+    mem: RecurrentMemory, seq, p0, p1, cfg: RecurrentConfig
+) -> tuple[RecurrentMemory, ScalarBool]:
+    """Removes the positions ``[p0, p1)`` of ``seq`` (all sequences when ``seq < 0``) (§5.7.1).
+
+    A state cannot be rewound, so only these succeed: removing the whole state (a range holding
+    the last position and starting at 0), a range not holding the last position (true, no change:
+    the state keeps what it absorbed, which context shift relies on), and for ``seq < 0`` an empty
+    range or ``[0, +inf)`` (every cell cleared). ``seq >= n_seq_max`` and a range holding the last
+    position but starting after 0 return False and leave the memory bit-identical.
+
+    Examples:
+        >>> cfg = RecurrentConfig(n_seq_max=1, n_layers=0)
+        >>> mem, ok = seq_rm(init_recurrent(cfg), 0, 0, -1, cfg)
+        >>> bool(ok)
+        True
+    """
+    _check_memory(mem, cfg)
+    seq, p0, p1 = _scalar(seq), _scalar(p0), _scalar(p1)
+    p0, p1 = _normalise_range(p0, p1)
+    cells = mem.cells
+    rs, n_seq = cfg.rs_size, cfg.n_seq_max
+    sc = jnp.clip(seq, 0, n_seq - 1)
+    col = jnp.arange(n_seq) == sc
+
+    # seq >= 0: the one state of seq is at tail[seq].
+    tail = cells.tail[sc]
+    last = cells.pos[jnp.clip(tail, 0, rs - 1)]
+    has_state = tail >= 0
+    holds_last = has_state & (p0 <= last) & (last < p1)
+    refuse_one = holds_last & (p0 > 0)
+    hit_one = (cells.pos >= p0) & (cells.pos < p1) & cells.seq[:, sc]
+    seq_one = jnp.where(holds_last, cells.seq & ~col[None, :], cells.seq)
+    tail_one = jnp.where(holds_last & col, -1, cells.tail)
+    freed_one = holds_last & hit_one & ~jnp.any(seq_one, axis=1)
+
+    # seq < 0: all or nothing.
+    empty_range = p0 == p1
+    everything = (p0 == 0) & (p1 == _POS_INF)
+    clear_all = ~empty_range & everything
+    refuse_all = ~empty_range & ~everything
+    nonempty = jnp.any(cells.seq, axis=1)
+    seq_all = jnp.where(clear_all, jnp.zeros_like(cells.seq), cells.seq)
+    tail_all = jnp.where(clear_all, -1, cells.tail)
+    freed_all = clear_all & nonempty
+
+    neg = seq < 0
+    ok = jnp.where(neg, ~refuse_all, (seq < rs) & ~refuse_one)
+    freed = jnp.where(neg, freed_all, freed_one)
+    new = _drop_empty(
+        RecurrentCells(
+            pos=cells.pos,
+            seq=jnp.where(neg, seq_all, seq_one),
+            tail=jnp.where(neg, tail_all, tail_one),
+            head=_lower_head(cells.head, freed),
+        )
+    )
+    return mem._replace(cells=_select(ok, new, cells)), ok
+
+
+def seq_cp(
+    mem: RecurrentMemory, src, dst, p0, p1, cfg: RecurrentConfig
+) -> tuple[RecurrentMemory, ScalarBool]:
+    """Makes ``dst`` share ``src``'s state (§5.7.2); the range is ignored.
+
+    ``dst``'s previous state is dropped first. No data is copied: the first later write by either
+    sequence copies the state on write (:func:`find_slot`, :func:`seq_add`). ``src == dst`` is a
+    no-op; an id outside ``[0, n_seq_max)`` returns False and changes nothing.
+    """
+    _check_memory(mem, cfg)
+    del p0, p1
+    src, dst = _scalar(src), _scalar(dst)
+    cells = mem.cells
+    n_seq = cfg.n_seq_max
+    ok = _seq_ok(src, cfg) & _seq_ok(dst, cfg)
+    act = ok & (src != dst)
+    sc, dc = jnp.clip(src, 0, n_seq - 1), jnp.clip(dst, 0, n_seq - 1)
+    dcol = jnp.arange(n_seq) == dc
+    t_src = cells.tail[sc]
+    joins = jnp.arange(cfg.rs_size) == t_src  # all False when src has no state
+    seq = (cells.seq & ~dcol[None, :]) | (joins[:, None] & dcol[None, :])
+    new = _drop_empty(cells._replace(seq=seq, tail=jnp.where(dcol, t_src, cells.tail)))
+    return mem._replace(cells=_select(act, new, cells)), ok
+
+
+def seq_keep(mem: RecurrentMemory, seq, cfg: RecurrentConfig) -> tuple[RecurrentMemory, ScalarBool]:
+    """Drops every sequence but ``seq`` (§5.7.3); its cell then holds only ``seq``.
+
+    An id outside ``[0, n_seq_max)`` returns False and changes nothing.
+    """
+    _check_memory(mem, cfg)
+    seq = _scalar(seq)
+    cells = mem.cells
+    n_seq = cfg.n_seq_max
+    ok = _seq_ok(seq, cfg)
+    col = jnp.arange(n_seq) == jnp.clip(seq, 0, n_seq - 1)
+    holds = cells.seq[:, jnp.clip(seq, 0, n_seq - 1)]
+    new = _drop_empty(
+        RecurrentCells(
+            pos=cells.pos,
+            seq=holds[:, None] & col[None, :],
+            tail=jnp.where(col, cells.tail, -1),
+            head=_lower_head(cells.head, ~holds),
+        )
+    )
+    return mem._replace(cells=_select(ok, new, cells)), ok
+
+
+def _move_position(
+    mem: RecurrentMemory, seq: Scalar, hit: ScalarBool, new_pos: Scalar, cfg: RecurrentConfig
+) -> tuple[RecurrentMemory, ScalarBool]:
+    """Sets the position of ``seq``'s state to ``new_pos`` when ``hit``, for seq_add/seq_div.
+
+    Only ``seq`` moves (DESIGN difference 10): a shared state is first split off into a free cell
+    with a copy of its data in every layer (False and no change without a free cell). A position
+    below 0 clears ``seq``'s state (difference 11).
+    """
+    cells = mem.cells
+    rs, n_seq = cfg.rs_size, cfg.n_seq_max
+    sc = jnp.clip(seq, 0, n_seq - 1)
+    col = jnp.arange(n_seq) == sc
+    t = cells.tail[sc]
+    tc = jnp.clip(t, 0, rs - 1)
+    at_t = jnp.arange(rs) == tc
+    shared = jnp.sum(cells.seq[tc].astype(_I32)) > 1
+    drop = hit & (new_pos < 0)
+    split = hit & ~drop & shared
+    in_place = hit & ~drop & ~shared
+    free_cells, n_free = _free_order(cells, cells.head)
+    f = free_cells[0]
+    ok = ~split | (n_free > 0)
+    at_f = (jnp.arange(rs) == f) & split
+
+    leave = (drop | split) & at_t
+    seq_new = (cells.seq & ~(leave[:, None] & col[None, :])) | (at_f[:, None] & col[None, :])
+    pos_new = jnp.where((in_place & at_t) | at_f, new_pos, cells.pos)
+    tail_new = jnp.where(col & drop, -1, jnp.where(col & split, f, cells.tail))
+    new = _drop_empty(RecurrentCells(pos=pos_new, seq=seq_new, tail=tail_new, head=cells.head))
+    new = new._replace(head=_lower_head(cells.head, jnp.any(cells.seq, axis=1) & (new.pos < 0)))
+
+    # The split-off cell gets a copy of the shared state (the only eager data copy here).
+    to = jnp.where(split & ok, f, rs)
+    r = mem.r.at[:, to].set(mem.r[:, tc], mode="drop")
+    s = mem.s.at[:, to].set(mem.s[:, tc], mode="drop")
+    return RecurrentMemory(cells=_select(ok, new, cells), r=r, s=s), ok
+
+
+def _selected(cells: RecurrentCells, seq: Scalar, p0: Scalar, p1: Scalar, cfg: RecurrentConfig):
+    """(``seq`` has a state whose position is in ``[p0, p1)``, that position)."""
+    t = cells.tail[jnp.clip(seq, 0, cfg.n_seq_max - 1)]
+    pos = cells.pos[jnp.clip(t, 0, cfg.rs_size - 1)]
+    return (t >= 0) & (p0 <= pos) & (pos < p1), pos
+
+
+def seq_add(
+    mem: RecurrentMemory, seq, p0, p1, delta, cfg: RecurrentConfig
+) -> tuple[RecurrentMemory, ScalarBool]:
+    """Adds ``delta`` to the position of ``seq``'s state if it lies in ``[p0, p1)`` (§5.7.4).
+
+    Positions only; the state data is unchanged. Only ``seq`` moves: a state shared with other
+    sequences is split off first (with a data copy), and a state moved below position 0 is
+    cleared (DESIGN differences 10, 11).
+
+    Returns:
+        ``(mem, ok)``; False (memory unchanged) for an id outside ``[0, n_seq_max)`` or when a
+        shared state must be split off and no cell is free.
+    """
+    _check_memory(mem, cfg)
+    seq, p0, p1, delta = _scalar(seq), _scalar(p0), _scalar(p1), _scalar(delta)
+    p0, p1 = _normalise_range(p0, p1)
+    valid = _seq_ok(seq, cfg)
+    sel, pos = _selected(mem.cells, seq, p0, p1, cfg)
+    hit = valid & sel & (delta != 0) & (p0 != p1)
+    new, ok = _move_position(mem, seq, hit, pos + delta, cfg)
+    return new, valid & ok
+
+
+def seq_div(
+    mem: RecurrentMemory, seq, p0, p1, d, cfg: RecurrentConfig
+) -> tuple[RecurrentMemory, ScalarBool]:
+    """Divides the position of ``seq``'s state by ``d`` if it lies in ``[p0, p1)`` (§5.7.5).
+
+    As :func:`seq_add`: positions only, a shared state is split off first (only when the position
+    actually changes). ``d < 1`` and ids outside ``[0, n_seq_max)`` return False, no change.
+    """
+    _check_memory(mem, cfg)
+    seq, p0, p1, d = _scalar(seq), _scalar(p0), _scalar(p1), _scalar(d)
+    p0, p1 = _normalise_range(p0, p1)
+    valid = _seq_ok(seq, cfg) & (d >= 1)
+    sel, pos = _selected(mem.cells, seq, p0, p1, cfg)
+    new_pos = pos // jnp.maximum(d, 1)  # pos >= 0, d >= 1: floor == C++ truncation
+    hit = valid & sel & (d != 1) & (p0 != p1) & (new_pos != pos)
+    new, ok = _move_position(mem, seq, hit, new_pos, cfg)
+    return new, valid & ok
+
+
+def seq_pos_range(
+    mem: RecurrentMemory, cfg: RecurrentConfig
+) -> tuple[Int[Array, " seqs"], Int[Array, " seqs"]]:
+    """Smallest and largest position held by every sequence, -1 where none (§5.7.6).
+
+    A sequence has at most one state, so both are its last absorbed position.
+    """
+    _check_memory(mem, cfg)
+    cells = mem.cells
+    pos = cells.pos[:, None]
+    has = jnp.any(cells.seq, axis=0)
+    lo = jnp.min(jnp.where(cells.seq, pos, _POS_INF), axis=0)
+    hi = jnp.max(jnp.where(cells.seq, pos, -1), axis=0)
+    return jnp.where(has, lo, -1).astype(_I32), jnp.where(has, hi, -1).astype(_I32)
+
+
+def _one_seq(values: Int[Array, " seqs"], seq, cfg: RecurrentConfig) -> Scalar:
+    seq = _scalar(seq)
+    return jnp.where(_seq_ok(seq, cfg), values[jnp.clip(seq, 0, cfg.n_seq_max - 1)], -1)
+
+
+def seq_pos_min(mem: RecurrentMemory, seq, cfg: RecurrentConfig) -> Scalar:
+    """Smallest position of ``seq`` in memory, -1 if none or out of range (§5.7.6)."""
+    return _one_seq(seq_pos_range(mem, cfg)[0], seq, cfg)
+
+
+def seq_pos_max(mem: RecurrentMemory, seq, cfg: RecurrentConfig) -> Scalar:
+    """Largest position of ``seq`` in memory, -1 if none or out of range (§5.7.6)."""
+    return _one_seq(seq_pos_range(mem, cfg)[1], seq, cfg)
+
+
+def clear(mem: RecurrentMemory, data: bool | ScalarBool = True) -> RecurrentMemory:
+    """Empties every cell (§5.7.8); with ``data`` the state buffers are zeroed as well."""
+    cells = mem.cells
+    empty = RecurrentCells(
+        pos=jnp.full_like(cells.pos, -1),
+        seq=jnp.zeros_like(cells.seq),
+        tail=jnp.full_like(cells.tail, -1),
+        head=jnp.zeros_like(cells.head),
+    )
+    if isinstance(data, bool):
+        if not data:
+            return mem._replace(cells=empty)
+        return RecurrentMemory(cells=empty, r=jnp.zeros_like(mem.r), s=jnp.zeros_like(mem.s))
+    data = jnp.asarray(data, jnp.bool_)
+    zero = jnp.zeros((), mem.r.dtype), jnp.zeros((), mem.s.dtype)
+    return RecurrentMemory(
+        cells=empty, r=jnp.where(data, zero[0], mem.r), s=jnp.where(data, zero[1], mem.s)
+    )
