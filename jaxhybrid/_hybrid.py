@@ -1,0 +1,606 @@
+"""Hybrid memory (spec §7, §8, §10): one interface over the attention KV cache and the
+recurrent-state memory, the plan/apply protocol and a transactional decode driver.
+
+Every model layer is routed to the attention part, the recurrent part, or neither (static, by
+layer filters; §7.2). Both parts see the same sequences and the same ubatches: planning splits the
+batch with the rule of §6.8 and dry-runs the placement in the recurrent part first and the
+attention part second (§7.3); applying ubatch ``u`` places it in both parts and returns the
+:class:`Placement` the model's layers read and write memory through.
+
+Deliberate differences from llama.cpp (see DESIGN.md): failed operations return the memory they
+were given (1), hybrid ``seq_rm`` is atomic (2), the unified split is non-sequential (5), and every
+other sequence operation is all-or-nothing over both parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxhybrid import _kv_cache as kvc
+from jaxhybrid import _recurrent as rec
+from jaxhybrid._batch import (
+    Batch,
+    BatchCheck,
+    BatchError,
+    BatchErrorCode,
+    SplitKind,
+    UBatch,
+    UBatchPlan,
+    get_ubatch,
+    split,
+    validate,
+)
+from jaxhybrid._config import KVConfig, RecurrentConfig
+from jaxhybrid._status import JaxHybridError, MemoryStatus, combine_status
+from jaxhybrid._typing import Array, Bool, Float, Int, Scalar, ScalarBool
+
+__all__ = [
+    "DecodeError",
+    "DecodeResult",
+    "HybridConfig",
+    "HybridMemory",
+    "LayerKind",
+    "Placement",
+    "apply_ubatch",
+    "can_shift",
+    "clear",
+    "decode",
+    "init_batch",
+    "init_full",
+    "init_hybrid",
+    "init_update",
+    "raise_for_result",
+    "read_kv",
+    "read_states",
+    "seq_add",
+    "seq_cp",
+    "seq_div",
+    "seq_keep",
+    "seq_pos_max",
+    "seq_pos_min",
+    "seq_pos_range",
+    "seq_rm",
+    "update",
+    "write_kv",
+    "write_states",
+]
+
+_I32 = jnp.int32
+
+
+class LayerKind(enum.IntEnum):
+    """Which memory part serves a model layer."""
+
+    NONE = 0
+    ATTENTION = 1
+    RECURRENT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig:
+    """Static description of a hybrid memory: the two parts and the layer routing (§7.2).
+
+    Build it with :meth:`from_layers`, which derives the layer counts of both parts.
+
+    Attributes:
+        kv: the attention KV cache's config (``n_layers`` = attention layers).
+        recurrent: the recurrent memory's config (``n_layers`` = recurrent layers).
+        layer_kinds: the part serving each model layer.
+    """
+
+    kv: KVConfig
+    recurrent: RecurrentConfig
+    layer_kinds: tuple[LayerKind, ...]
+
+    def __post_init__(self):
+        kinds = tuple(LayerKind(k) for k in self.layer_kinds)
+        object.__setattr__(self, "layer_kinds", kinds)
+        if self.kv.n_seq_max != self.recurrent.n_seq_max:
+            raise ValueError(
+                f"both parts must have the same n_seq_max, got kv={self.kv.n_seq_max} and "
+                f"recurrent={self.recurrent.n_seq_max}"
+            )
+        n_attn = sum(k == LayerKind.ATTENTION for k in kinds)
+        n_recr = sum(k == LayerKind.RECURRENT for k in kinds)
+        if self.kv.n_layers != n_attn or self.recurrent.n_layers != n_recr:
+            raise ValueError(
+                f"layer_kinds route {n_attn} attention and {n_recr} recurrent layers, but the "
+                f"configs have kv.n_layers={self.kv.n_layers} and "
+                f"recurrent.n_layers={self.recurrent.n_layers} (use HybridConfig.from_layers)"
+            )
+
+    @classmethod
+    def from_layers(
+        cls,
+        layer_is_recurrent: Sequence[bool],
+        kv: KVConfig,
+        recurrent: RecurrentConfig,
+        *,
+        filter_attn: Callable[[int], bool] | None = None,
+        filter_recr: Callable[[int], bool] | None = None,
+    ) -> HybridConfig:
+        """Routes layers with llama.cpp's default filters (§7.2) unless others are given.
+
+        Args:
+            layer_is_recurrent: the model's layer types, one bool per layer.
+            kv: attention config; its ``n_layers`` is replaced by the routed count.
+            recurrent: recurrent config; its ``n_layers`` is replaced likewise.
+            filter_attn: layer index -> served by attention (default: not recurrent).
+            filter_recr: layer index -> served by the recurrent part (default: recurrent).
+
+        Examples:
+            >>> cfg = HybridConfig.from_layers(
+            ...     [True, False, True, True], KVConfig(kv_size=16), RecurrentConfig()
+            ... )
+            >>> cfg.attn_layers, cfg.recr_layers
+            ((1,), (0, 2, 3))
+        """
+        flags = [bool(x) for x in layer_is_recurrent]
+        f_attn = filter_attn or (lambda il: not flags[il])
+        f_recr = filter_recr or (lambda il: flags[il])
+        kinds = []
+        for il in range(len(flags)):
+            a, r = bool(f_attn(il)), bool(f_recr(il))
+            if a and r:
+                raise ValueError(f"layer {il} is selected by both filter_attn and filter_recr")
+            kinds.append(LayerKind.ATTENTION if a else LayerKind.RECURRENT if r else LayerKind.NONE)
+        n_attn = kinds.count(LayerKind.ATTENTION)
+        n_recr = kinds.count(LayerKind.RECURRENT)
+        return cls(
+            kv=dataclasses.replace(kv, n_layers=n_attn),
+            recurrent=dataclasses.replace(recurrent, n_layers=n_recr),
+            layer_kinds=tuple(kinds),
+        )
+
+    @property
+    def n_seq_max(self) -> int:
+        return self.kv.n_seq_max
+
+    @property
+    def attn_layers(self) -> tuple[int, ...]:
+        """Model layers served by the attention part, in order."""
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == LayerKind.ATTENTION)
+
+    @property
+    def recr_layers(self) -> tuple[int, ...]:
+        """Model layers served by the recurrent part, in order."""
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k == LayerKind.RECURRENT)
+
+    def sub_index(self, layer: int) -> tuple[LayerKind, int]:
+        """``(kind, index inside that part)`` of model layer ``layer`` (-1 for NONE)."""
+        if not 0 <= layer < len(self.layer_kinds):
+            raise ValueError(f"layer {layer} out of range [0, {len(self.layer_kinds)})")
+        kind = self.layer_kinds[layer]
+        if kind == LayerKind.ATTENTION:
+            return kind, self.attn_layers.index(layer)
+        if kind == LayerKind.RECURRENT:
+            return kind, self.recr_layers.index(layer)
+        return kind, -1
+
+    @property
+    def split_kind(self) -> tuple[SplitKind, bool]:
+        """The split of §6.8 for ``embd_all == False``: equal, sequential only with KV streams
+        (DESIGN.md difference 5)."""
+        return SplitKind.EQUAL, not self.kv.unified
+
+
+class HybridMemory(NamedTuple):
+    """The attention part and the recurrent part (§7.1)."""
+
+    kv: kvc.KVCache
+    recr: rec.RecurrentMemory
+
+
+def init_hybrid(cfg: HybridConfig) -> HybridMemory:
+    """An empty hybrid memory (zero-filled buffers)."""
+    return HybridMemory(kvc.init_kv_cache(cfg.kv), rec.init_recurrent(cfg.recurrent))
+
+
+def _select(ok: ScalarBool, new, old):
+    """``new`` where ``ok`` else ``old``, leaf by leaf (a failed operation returns its input)."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+# --------------------------------------------------------------------------------------------
+# Queries (§7.6)
+
+
+def seq_pos_range(mem: HybridMemory, cfg: HybridConfig) -> tuple[Array, Array]:
+    """Per-sequence ``(pos_min, pos_max)``: min = max of the parts, max = min of the parts, and
+    ``pos_max = -1`` when either part lacks the sequence (§7.6, Q11)."""
+    a_min, a_max = kvc.seq_pos_range(mem.kv, cfg.kv)
+    r_min, r_max = rec.seq_pos_range(mem.recr, cfg.recurrent)
+    missing = (a_max < 0) | (r_max < 0)
+    return jnp.maximum(a_min, r_min), jnp.where(missing, -1, jnp.minimum(a_max, r_max))
+
+
+def seq_pos_min(mem: HybridMemory, seq, cfg: HybridConfig) -> Scalar:
+    """Smallest position of ``seq`` available in both parts (-1 if none)."""
+    lo, _ = seq_pos_range(mem, cfg)
+    s = jnp.asarray(seq, _I32)
+    ok = (s >= 0) & (s < cfg.n_seq_max)
+    return jnp.where(ok, lo[jnp.clip(s, 0, cfg.n_seq_max - 1)], -1)
+
+
+def seq_pos_max(mem: HybridMemory, seq, cfg: HybridConfig) -> Scalar:
+    """Largest position of ``seq`` available in both parts (-1 if none)."""
+    _, hi = seq_pos_range(mem, cfg)
+    s = jnp.asarray(seq, _I32)
+    ok = (s >= 0) & (s < cfg.n_seq_max)
+    return jnp.where(ok, hi[jnp.clip(s, 0, cfg.n_seq_max - 1)], -1)
+
+
+def can_shift(cfg: HybridConfig) -> bool:
+    """Whether ``seq_add`` / ``seq_div`` are supported: the attention part's answer (§7.6)."""
+    return kvc.can_shift(cfg.kv)
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence operations (§7.6)
+
+
+def seq_rm(mem: HybridMemory, seq, p0, p1, cfg: HybridConfig) -> tuple[HybridMemory, ScalarBool]:
+    """Removes positions ``[p0, p1)`` of ``seq`` from both parts, atomically.
+
+    The recurrent part decides first; if it refuses (a partial removal that would need to rewind
+    a state, §5.7.1) nothing changes at all (DESIGN.md difference 2). A middle or leading range of
+    a live sequence succeeds and trims only the attention part (the state cannot forget).
+    """
+    recr, ok_r = rec.seq_rm(mem.recr, seq, p0, p1, cfg.recurrent)
+    kv, ok_a = kvc.seq_rm(mem.kv, seq, p0, p1, cfg.kv)
+    ok = ok_r & ok_a
+    return _select(ok, HybridMemory(kv, recr), mem), ok
+
+
+def _both(mem: HybridMemory, kv_op, recr_op) -> tuple[HybridMemory, ScalarBool]:
+    kv, ok_a = kv_op(mem.kv)
+    recr, ok_r = recr_op(mem.recr)
+    ok = ok_a & ok_r
+    return _select(ok, HybridMemory(kv, recr), mem), ok
+
+
+def seq_cp(
+    mem: HybridMemory, src, dst, p0, p1, cfg: HybridConfig
+) -> tuple[HybridMemory, ScalarBool]:
+    """Copies (shares) ``src``'s positions ``[p0, p1)`` into ``dst`` in both parts (§7.6)."""
+    return _both(
+        mem,
+        lambda m: kvc.seq_cp(m, src, dst, p0, p1, cfg.kv),
+        lambda m: rec.seq_cp(m, src, dst, p0, p1, cfg.recurrent),
+    )
+
+
+def seq_keep(mem: HybridMemory, seq, cfg: HybridConfig) -> tuple[HybridMemory, ScalarBool]:
+    """Drops every sequence but ``seq`` in both parts."""
+    return _both(
+        mem,
+        lambda m: kvc.seq_keep(m, seq, cfg.kv),
+        lambda m: rec.seq_keep(m, seq, cfg.recurrent),
+    )
+
+
+def seq_add(
+    mem: HybridMemory, seq, p0, p1, delta, cfg: HybridConfig
+) -> tuple[HybridMemory, ScalarBool]:
+    """Shifts positions ``[p0, p1)`` of ``seq`` by ``delta`` in both parts; K is re-rotated by
+    the next :func:`update` (§4.4, §5.7.4)."""
+    return _both(
+        mem,
+        lambda m: kvc.seq_add(m, seq, p0, p1, delta, cfg.kv),
+        lambda m: rec.seq_add(m, seq, p0, p1, delta, cfg.recurrent),
+    )
+
+
+def seq_div(
+    mem: HybridMemory, seq, p0, p1, d, cfg: HybridConfig
+) -> tuple[HybridMemory, ScalarBool]:
+    """Integer-divides positions ``[p0, p1)`` of ``seq`` by ``d`` in both parts (§4.5)."""
+    return _both(
+        mem,
+        lambda m: kvc.seq_div(m, seq, p0, p1, d, cfg.kv),
+        lambda m: rec.seq_div(m, seq, p0, p1, d, cfg.recurrent),
+    )
+
+
+def clear(mem: HybridMemory, data: bool = True) -> HybridMemory:
+    """Empties both parts (and zeroes their buffers when ``data``)."""
+    return HybridMemory(kvc.clear(mem.kv, data), rec.clear(mem.recr, data))
+
+
+# --------------------------------------------------------------------------------------------
+# Plans (§7.3, §7.4)
+
+
+def init_batch(
+    mem: HybridMemory,
+    batch: Batch,
+    cfg: HybridConfig,
+    *,
+    n_ubatch: int,
+    embd_all: bool = False,
+    max_ubatches: int | None = None,
+) -> tuple[UBatchPlan, Scalar]:
+    """Splits a validated batch and dry-runs its placement in both parts (§7.3).
+
+    ``embd_all`` -> seq split; otherwise the equal split, non-sequential when the KV cache is
+    unified (DESIGN.md difference 5). Placement is tried in the recurrent part first, then the
+    attention part; the memory is never modified.
+
+    Returns:
+        ``(plan, status)``: SUCCESS, or FAILED_PREPARE when the batch cannot be split completely
+        or either part has no room.
+    """
+    if embd_all:
+        kind, sequential = SplitKind.SEQ, False
+    else:
+        kind, sequential = cfg.split_kind
+    plan = split(
+        batch,
+        kind,
+        n_ubatch=n_ubatch,
+        n_seq_max=cfg.n_seq_max,
+        sequential=sequential,
+        max_ubatches=max_ubatches,
+    )
+    ok_r, _ = rec.prepare(mem.recr, batch, plan, cfg.recurrent, n_ubatch=n_ubatch)
+    ok_a, _ = kvc.prepare(mem.kv, batch, plan, cfg.kv, n_ubatch=n_ubatch)
+    ok = plan.complete & ok_r & ok_a
+    status = jnp.where(ok, MemoryStatus.SUCCESS, MemoryStatus.FAILED_PREPARE).astype(_I32)
+    return plan, status
+
+
+def init_full(mem: HybridMemory, cfg: HybridConfig) -> Scalar:
+    """Status of a worst-case context (§7.4): always SUCCESS.
+
+    llama.cpp uses it to reserve worst-case compute graphs; with static shapes under ``jit``
+    there is nothing to reserve, so only the combined status remains.
+    """
+    del mem, cfg
+    return combine_status(MemoryStatus.SUCCESS, MemoryStatus.SUCCESS)
+
+
+def init_update(mem: HybridMemory, cfg: HybridConfig) -> Scalar:
+    """SUCCESS when the attention part has pending shifts to apply, else NO_UPDATE (§7.4); the
+    recurrent part never needs an update (§5.8)."""
+    del cfg
+    attn = jnp.where(kvc.has_shift(mem.kv), MemoryStatus.SUCCESS, MemoryStatus.NO_UPDATE)
+    return combine_status(attn, MemoryStatus.NO_UPDATE)
+
+
+def update(
+    mem: HybridMemory, cfg: HybridConfig, rope_fn: Callable | None = None
+) -> tuple[HybridMemory, Scalar]:
+    """Applies pending K-shifts (attention only, §2.12) and returns ``(memory, status)`` where
+    status is that of :func:`init_update`."""
+    status = init_update(mem, cfg)
+    kv = jax.lax.cond(
+        status == MemoryStatus.SUCCESS,
+        lambda c: kvc.update(c, cfg.kv, rope_fn),
+        lambda c: c,
+        mem.kv,
+    )
+    return mem._replace(kv=kv), status
+
+
+# --------------------------------------------------------------------------------------------
+# Applying a plan: placement and the layer-level accessors
+
+
+class Placement(NamedTuple):
+    """What the layers of one ubatch need from memory.
+
+    Attributes:
+        kv: the KV cell (and stream) of every token.
+        mask: ``[n_ubatch, n_stream * kv_size]`` visibility of every cell for every token (§3.3).
+        recr: recurrent source/destination cell of every seq set.
+        seq_set: seq set of every token (-1 for padding).
+        valid: real tokens.
+    """
+
+    kv: kvc.KVSlot
+    mask: Bool[Array, "ubatch kv"]
+    recr: rec.RecurrentSlot
+    seq_set: Int[Array, " ubatch"]
+    valid: Bool[Array, " ubatch"]
+
+
+def apply_ubatch(
+    mem: HybridMemory,
+    batch: Batch,
+    plan: UBatchPlan,
+    u,
+    cfg: HybridConfig,
+    *,
+    n_ubatch: int,
+) -> tuple[HybridMemory, UBatch, Placement]:
+    """Places ubatch ``u`` of a successful plan in both parts (§7.5 ``apply``).
+
+    ``u`` may be traced, so a model can run the ubatches in ``lax.fori_loop`` / ``while_loop``
+    with the memory as carry. Placement repeats the dry run of :func:`init_batch`, so it succeeds
+    for every ubatch of a SUCCESS plan applied in order to the memory that was planned against.
+    """
+    ub = get_ubatch(batch, plan, u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
+    slot = kvc.find_slot(mem.kv, ub, cfg.kv)
+    kv = kvc.apply_ubatch(mem.kv, ub, slot, cfg.kv)
+    recr, rslot = rec.find_slot(mem.recr, ub, cfg.recurrent)
+    mask = kvc.kq_mask(kv, ub, slot, cfg.kv)
+    place = Placement(kv=slot, mask=mask, recr=rslot, seq_set=ub.seq_set, valid=ub.valid)
+    return HybridMemory(kv, recr), ub, place
+
+
+def _sub(cfg: HybridConfig, layer: int, kind: LayerKind) -> int:
+    got, idx = cfg.sub_index(layer)
+    if got != kind:
+        raise ValueError(f"model layer {layer} is served by {got.name}, not {kind.name}")
+    return idx
+
+
+def write_kv(
+    mem: HybridMemory,
+    cfg: HybridConfig,
+    layer: int,
+    k: Float[Array, "ubatch heads head_dim_k"],
+    v: Float[Array, "ubatch heads head_dim_v"],
+    place: Placement,
+) -> HybridMemory:
+    """Stores the ubatch's K/V rows of attention model layer ``layer`` in its placed cells."""
+    il = _sub(cfg, layer, LayerKind.ATTENTION)
+    return mem._replace(kv=kvc.write_kv(mem.kv, il, k, v, place.kv, place.valid))
+
+
+def read_kv(mem: HybridMemory, cfg: HybridConfig, layer: int) -> tuple[Array, Array]:
+    """K and V of attention model layer ``layer`` on a flat cell axis (pair with
+    ``Placement.mask``)."""
+    return kvc.read_kv(mem.kv, _sub(cfg, layer, LayerKind.ATTENTION))
+
+
+def read_states(
+    mem: HybridMemory, cfg: HybridConfig, layer: int, place: Placement
+) -> tuple[Array, Array]:
+    """Initial ``(r, s)`` state of every seq set for recurrent model layer ``layer``."""
+    return rec.read_states(mem.recr, _sub(cfg, layer, LayerKind.RECURRENT), place.recr)
+
+
+def write_states(
+    mem: HybridMemory,
+    cfg: HybridConfig,
+    layer: int,
+    place: Placement,
+    r: Array,
+    s: Array,
+    n_seqs,
+) -> HybridMemory:
+    """Stores the final ``(r, s)`` state of every seq set for recurrent model layer ``layer``."""
+    il = _sub(cfg, layer, LayerKind.RECURRENT)
+    return mem._replace(recr=rec.write_states(mem.recr, il, place.recr, r, s, n_seqs))
+
+
+# --------------------------------------------------------------------------------------------
+# The decode driver (§10)
+
+StepFn = Callable[[Any, UBatch, HybridMemory, Placement], tuple[Any, HybridMemory]]
+
+
+class DecodeResult(NamedTuple):
+    """Outcome of :func:`decode`.
+
+    Attributes:
+        code: llama.cpp's ``llama_decode`` return value (§10.3): 0 ok, 1 no memory slot,
+            -1 invalid batch.
+        status: the memory status of planning (SUCCESS or FAILED_PREPARE; SUCCESS when the batch
+            was invalid and never planned).
+        check: the batch validation result (details of an invalid batch).
+        updated: pending K-shifts were applied before planning.
+        n_outputs: number of output rows.
+    """
+
+    code: Scalar
+    status: Scalar
+    check: BatchCheck
+    updated: ScalarBool
+    n_outputs: Scalar
+
+
+def decode(
+    step_fn: StepFn,
+    params,
+    mem: HybridMemory,
+    batch: Batch,
+    cfg: HybridConfig,
+    *,
+    n_ubatch: int,
+    n_vocab: int | None = None,
+    embd_all: bool = False,
+    rope_fn: Callable | None = None,
+    max_ubatches: int | None = None,
+) -> tuple[Any, HybridMemory, DecodeResult]:
+    """Validates, plans and runs a whole batch; transactional (DESIGN.md difference 1).
+
+    ``step_fn(params, ubatch, memory, placement) -> (outputs, memory)`` is the model's pure
+    per-ubatch step; its outputs are per token slot (leading axis ``n_ubatch``, any pytree).
+    The steps of §10.1: pending K-shifts are applied (update), the batch is validated against
+    what memory holds, planned (on FAILED_PREPARE the planning is retried once after an update,
+    §10.1.6), and every ubatch is applied and run in a ``lax.while_loop``.
+
+    Returns:
+        ``(outputs, memory, result)``: outputs scattered back to batch order (leading axis
+        ``n_batch``; rows of tokens without the output flag are zero), the new memory, and a
+        :class:`DecodeResult`. On any failure the memory returned is the one given, bit for bit,
+        and the outputs are zero.
+    """
+    n_batch = batch.capacity
+    mem0 = mem
+    updated_mem, upd_status = update(mem, cfg, rope_fn)
+    updated = upd_status == MemoryStatus.SUCCESS
+    lo, hi = seq_pos_range(updated_mem, cfg)
+    batch, check = validate(
+        batch, lo, hi, n_seq_max=cfg.n_seq_max, n_vocab=n_vocab, output_all=embd_all
+    )
+    plan, status = init_batch(
+        updated_mem, batch, cfg, n_ubatch=n_ubatch, embd_all=embd_all, max_ubatches=max_ubatches
+    )
+    valid_batch = check.code == BatchErrorCode.OK
+    ok = valid_batch & (status == MemoryStatus.SUCCESS)
+
+    ub0 = get_ubatch(batch, plan, 0, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
+    place0 = jax.eval_shape(
+        lambda m: apply_ubatch(m, batch, plan, 0, cfg, n_ubatch=n_ubatch)[2], updated_mem
+    )
+    out_shape = jax.eval_shape(lambda p, m, pl: step_fn(p, ub0, m, pl)[0], params, mem, place0)
+    zeros = jax.tree.map(lambda s: jnp.zeros((n_batch, *s.shape[1:]), s.dtype), out_shape)
+
+    def run(m):
+        def cond(carry):
+            u, _, _ = carry
+            return u < plan.n_ubatches
+
+        def body(carry):
+            u, m, outs = carry
+            m, ub, place = apply_ubatch(m, batch, plan, u, cfg, n_ubatch=n_ubatch)
+            step_out, m = step_fn(params, ub, m, place)
+            rows = jnp.where(ub.output, ub.batch_idx, n_batch)
+            outs = jax.tree.map(
+                lambda o, s: o.at[rows].set(s.astype(o.dtype), mode="drop"), outs, step_out
+            )
+            return u + 1, m, outs
+
+        _, m, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), m, zeros))
+        return m, outs
+
+    new_mem, outputs = jax.lax.cond(ok, run, lambda m: (mem0, zeros), updated_mem)
+    code = jnp.where(valid_batch, jnp.where(ok, 0, 1), -1).astype(_I32)
+    result = DecodeResult(
+        code=code,
+        status=jnp.where(valid_batch, status, MemoryStatus.SUCCESS).astype(_I32),
+        check=check,
+        updated=updated & ok,
+        n_outputs=jnp.where(ok, plan.n_outputs, 0),
+    )
+    return outputs, new_mem, result
+
+
+class DecodeError(JaxHybridError):
+    """Raised by :func:`raise_for_result` when a decode failed."""
+
+    def __init__(self, result: DecodeResult):
+        self.code = int(result.code)
+        if self.code == -1:
+            msg = str(BatchError(result.check))
+        else:
+            msg = (
+                "failed to find a memory slot for the batch (no free KV cells or recurrent "
+                "cells; memory unchanged)"
+            )
+        super().__init__(f"decode failed with code {self.code}: {msg}")
+
+
+def raise_for_result(result: DecodeResult) -> None:
+    """Raises :class:`DecodeError` if ``result`` reports a failure (host side)."""
+    if int(result.code) != 0:
+        raise DecodeError(result)
