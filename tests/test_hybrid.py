@@ -381,3 +381,82 @@ def test_config_routing_and_errors():
         jh.HybridConfig.from_layers([True], kv, hm.recurrent_config(3))
     with pytest.raises(ValueError, match="served by ATTENTION, not RECURRENT"):
         jh.read_states(jh.init_hybrid(cfg), cfg, 1, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference-model comparison of statuses, return values and ranges (§7)
+
+
+def _null_step(params, ub, mem, place):
+    del params, place
+    return jnp.zeros((ub.token.shape[0], 1), jnp.float32), mem
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_random_operation_sequences_match_the_reference(unified):
+    import ref_hybrid
+    from ref_batch import RefBatch
+    from ref_kv import RefKV
+    from ref_recurrent import RefRecurrent
+
+    # Given a small memory (room for failures) and its pure-Python reference
+    n_seq, kv_size, n_ubatch = 3, 12, 3
+    cfg = jh.HybridConfig.from_layers(
+        hm.layer_kinds(),
+        hm.kv_config(kv_size, n_seq, unified, hm.ModelSpec()),
+        hm.recurrent_config(n_seq),
+    )
+    decoder = jax.jit(
+        functools.partial(jh.decode, _null_step, cfg=cfg, n_ubatch=n_ubatch, n_vocab=hm.VOCAB)
+    )
+    ops = _ops(cfg)
+    div = jax.jit(functools.partial(jh.seq_div, cfg=cfg))
+    rng = np.random.default_rng(11 + unified)
+    n_sequences, n_ops, outcomes = 40, 12, {}
+    for _ in range(n_sequences):
+        mem = jh.init_hybrid(cfg)
+        ref = ref_hybrid.RefHybrid(
+            RefKV(kv_size, n_seq, unified=unified), RefRecurrent(n_seq, 1, 1, 1)
+        )
+        for _ in range(n_ops):
+            # When a random operation (valid or not) runs on both
+            op = rng.choice(["decode"] * 5 + ["rm", "cp", "keep", "add", "div"])
+            s = int(rng.integers(-1, n_seq + 1))
+            p0, p1 = (int(x) for x in rng.integers(-1, 8, size=2))
+            if op == "decode":
+                n = int(rng.integers(1, 6))
+                seqs = [[int(q)] for q in rng.integers(0, n_seq, size=n)]
+                if rng.random() < 0.15:
+                    seqs[0] = [0, 1]
+                toks = [int(t) for t in rng.integers(0, hm.VOCAB + (rng.random() < 0.1), size=n)]
+                b = RefBatch(toks, seqs, None, [False] * (n - 1) + [True], N_BATCH)
+                batch = jh.make_batch(toks, seq_ids=seqs, n_batch=N_BATCH, n_seq_id_max=2)
+                _, mem, res = decoder(None, mem, batch)
+                got, want = int(res.code), ref.decode(b, hm.VOCAB, n_ubatch)
+            elif op == "rm":
+                mem, got = ops["rm"](mem, s, p0, p1)
+                want = ref.seq_rm(s, p0, p1)
+            elif op == "cp":
+                d = int(rng.integers(0, n_seq + 1))
+                mem, got = ops["cp"](mem, s, d, -1, -1)
+                want = ref.seq_cp(s, d, -1, -1)
+            elif op == "keep":
+                mem, got = ops["keep"](mem, s)
+                want = ref.seq_keep(s)
+            elif op == "add":
+                delta = int(rng.integers(-4, 5))
+                mem, got = ops["add"](mem, s, p0, p1, delta)
+                want = ref.seq_add(s, p0, p1, delta)
+            else:
+                d = int(rng.integers(0, 4))
+                mem, got = div(mem, s, p0, p1, d)
+                want = ref.seq_div(s, p0, p1, d)
+            # Then return values / codes and every sequence's (pos_min, pos_max) agree
+            assert int(got) == int(want), (op, s, p0, p1)
+            outcomes[(op, int(want))] = outcomes.get((op, int(want)), 0) + 1
+            lo, hi = ops["range"](mem)
+            for q in range(n_seq):
+                assert (int(lo[q]), int(hi[q])) == ref.pos_range(q), (op, q)
+    # Both successes and failures of decodes and removals were exercised.
+    for key in [("decode", 0), ("decode", 1), ("decode", -1), ("rm", 1), ("rm", 0)]:
+        assert outcomes.get(key, 0) > 0, (key, outcomes)
