@@ -22,3 +22,10 @@ def test_core_imports_without_flax():
     # The core must not pull in Flax (Flax is for jaxhybrid.models only).
     code = "import sys, jaxhybrid; assert 'flax' not in sys.modules, 'flax imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_models_namespace_resolves():
+    models = pytest.importorskip("jaxhybrid.models")
+    assert len(models.__all__) == len(set(models.__all__))
+    for name in models.__all__:
+        assert getattr(models, name) is not None, name
