@@ -38,6 +38,7 @@ from jaxhybrid._batch import (
 )
 from jaxhybrid._config import KVConfig, RecurrentConfig
 from jaxhybrid._status import JaxHybridError, MemoryStatus, combine_status
+from jaxhybrid._status import select_tree as _select
 from jaxhybrid._typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
 __all__ = [
@@ -200,11 +201,6 @@ class HybridMemory(NamedTuple):
 def init_hybrid(cfg: HybridConfig) -> HybridMemory:
     """An empty hybrid memory (zero-filled buffers)."""
     return HybridMemory(kvc.init_kv_cache(cfg.kv), rec.init_recurrent(cfg.recurrent))
-
-
-def _select(ok: ScalarBool, new, old):
-    """``new`` where ``ok`` else ``old``, leaf by leaf (a failed operation returns its input)."""
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxhybrid._batch import Batch, UBatch, UBatchPlan, get_ubatch
 from jaxhybrid._config import KVConfig, SWAType
+from jaxhybrid._status import select_tree as _select
 from jaxhybrid._typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
 __all__ = [
@@ -163,10 +164,6 @@ def _lower_head(head: Int[Array, " streams"], freed: Bool[Array, "streams cells"
     """Head hint lowered to the first freed cell when that is below it (§4.1)."""
     first = jnp.argmax(freed, axis=1).astype(_I32)
     return jnp.where(jnp.any(freed, axis=1) & (first < head), first, head)
-
-
-def _select(ok: ScalarBool, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def _seq_ok(seq, cfg: KVConfig) -> ScalarBool:

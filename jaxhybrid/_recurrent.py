@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxhybrid._batch import Batch, UBatch, UBatchPlan, get_ubatch
 from jaxhybrid._config import RecurrentConfig
+from jaxhybrid._status import select_tree as _select
 from jaxhybrid._typing import Array, Bool, Int, Scalar, ScalarBool, Shaped
 
 __all__ = [
@@ -167,11 +168,6 @@ def _check_memory(mem: RecurrentMemory, cfg: RecurrentConfig) -> None:
                 f"recurrent memory field {name} must be {dtype}{list(shape)} for this config, "
                 f"got {np.dtype(a.dtype)}{list(a.shape)}"
             )
-
-
-def _select(pred: ScalarBool, new, old):
-    """``new`` where ``pred`` else ``old``, leaf by leaf (for small metadata only)."""
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
 def _scalar(x) -> Scalar:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import enum
 
+import jax
 import jax.numpy as jnp
 
 __all__ = [
     "JaxHybridError",
+    "select_tree",
     "MemoryStatus",
     "combine_status",
     "is_fail",
@@ -50,3 +52,9 @@ def combine_status(s0, s1):
 
 class JaxHybridError(RuntimeError):
     """Base class of the exceptions raised by host-side helpers."""
+
+
+def select_tree(ok, new, old):
+    """``new`` where ``ok`` else ``old``, leaf by leaf: how a failed operation returns its input
+    unchanged (DESIGN.md difference 1) without a host round-trip."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
