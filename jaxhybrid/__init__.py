@@ -50,6 +50,16 @@ from jaxhybrid._hybrid import (
     write_kv,
     write_states,
 )
+from jaxhybrid._state_io import (
+    StateError,
+    StateFlags,
+    StateStatus,
+    load_state,
+    load_state_file,
+    save_state_file,
+    state_read,
+    state_write,
+)
 from jaxhybrid._status import JaxHybridError, MemoryStatus, combine_status, is_fail
 
 __version__ = "0.1.0.dev0"
@@ -73,6 +83,9 @@ __all__ = [
     "RecurrentConfig",
     "SWAType",
     "SplitKind",
+    "StateError",
+    "StateFlags",
+    "StateStatus",
     "UBatch",
     "UBatchPlan",
     "apply_ubatch",
@@ -86,9 +99,12 @@ __all__ = [
     "init_hybrid",
     "init_update",
     "is_fail",
+    "load_state",
+    "load_state_file",
     "make_batch",
     "raise_for_check",
     "raise_for_result",
+    "save_state_file",
     "read_kv",
     "read_states",
     "seq_add",
@@ -104,6 +120,8 @@ __all__ = [
     "split_equal",
     "split_seq",
     "split_simple",
+    "state_read",
+    "state_write",
     "update",
     "validate",
     "write_kv",

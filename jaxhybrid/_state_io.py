@@ -1,0 +1,932 @@
+"""State save and restore (spec §9): whole memories and single sequences, as validated bytes.
+
+A blob is our header, then the records of §9.2 (attention) and §9.4 (recurrent) in that order
+(§9.6), then a CRC-32 of everything before it::
+
+    b"JHMS"  u32 version  u32 kind (1 kv, 2 recurrent, 3 hybrid)  u32 flags  i32 seq_id
+    u32 n    n bytes of JSON: the static shape description of the memory (layer counts, heads,
+             head dims, state shapes, dtypes, unified or not, layer routing)
+    records  (integers little-endian, as §9.1)
+    u32 crc32 of all bytes above
+
+A per-sequence record holds that sequence's cells only and is restored into any destination
+sequence id (§9.3, §9.5). With :attr:`StateFlags.PARTIAL_ONLY` a hybrid blob holds only the
+recurrent record (llama.cpp's ``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``): a cheap checkpoint of the
+part that cannot be recomputed from the attention cache.
+
+Serialization runs on the host. Writing copies the selected cells' rows to the host once (one
+gather on device, one device-to-host copy). Reading parses and validates the whole blob and plans
+every placement *before* touching the memory; only then are the rows copied to the device (one
+host-to-device copy per buffer) and scattered into a new memory. So a bad blob, whatever is wrong
+with it (truncated, extended, corrupted, another configuration, counts over capacity), returns the
+memory it was given, unchanged, with a status naming the problem (DESIGN.md difference 1).
+llama.cpp instead clears the destination sequence, or everything, on a failed restore (§9.3.6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxhybrid._config import KVConfig, RecurrentConfig
+from jaxhybrid._hybrid import HybridConfig, HybridMemory
+from jaxhybrid._kv_cache import KVCache, KVCells
+from jaxhybrid._recurrent import RecurrentCells, RecurrentMemory
+from jaxhybrid._status import JaxHybridError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "StateError",
+    "StateFlags",
+    "StateStatus",
+    "load_state",
+    "load_state_file",
+    "save_state_file",
+    "state_read",
+    "state_write",
+]
+
+MAGIC = b"JHMS"
+FILE_MAGIC = b"JHSF"
+FORMAT_VERSION = 1
+_MAX_DESC_BYTES = 1 << 16
+_KIND_KV, _KIND_RECURRENT, _KIND_HYBRID = 1, 2, 3
+_KIND_NAMES = {_KIND_KV: "KV cache", _KIND_RECURRENT: "recurrent memory", _KIND_HYBRID: "hybrid"}
+# ggml type ids of the storage dtypes (§9.2 writes a type per layer).
+_TYPE_IDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(jnp.bfloat16): 30}
+
+
+class StateFlags(enum.IntFlag):
+    """What a state record holds (§9.6)."""
+
+    NONE = 0
+    PARTIAL_ONLY = 1  # hybrid: only the recurrent part
+
+
+class StateStatus(NamedTuple):
+    """Outcome of :func:`state_read`.
+
+    Attributes:
+        ok: the blob was restored.
+        message: what was wrong with the blob ("" when ``ok``).
+    """
+
+    ok: bool
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class StateError(JaxHybridError):
+    """A state blob or file that cannot be restored into the memory given."""
+
+
+class _Bad(Exception):
+    """Raised inside the reader; becomes a failed :class:`StateStatus`."""
+
+
+Memory = KVCache | RecurrentMemory | HybridMemory
+Config = KVConfig | RecurrentConfig | HybridConfig
+
+
+# --------------------------------------------------------------------------------------------
+# Byte I/O (§9.1)
+
+
+class _Writer:
+    def __init__(self):
+        self.parts: list = []
+
+    def u32(self, x: int) -> None:
+        self.parts.append(struct.pack("<I", x))
+
+    def i32(self, x: int) -> None:
+        self.parts.append(struct.pack("<i", x))
+
+    def u64(self, x: int) -> None:
+        self.parts.append(struct.pack("<Q", x))
+
+    def raw(self, buf: bytes | np.ndarray) -> None:
+        if isinstance(buf, np.ndarray):  # as raw bytes (bfloat16 has no buffer format)
+            buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+        self.parts.append(buf)
+
+    def ints(self, values: np.ndarray) -> None:
+        self.raw(np.asarray(values, "<i4"))
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class _Reader:
+    def __init__(self, data: memoryview):
+        self.data, self.off = data, 0
+
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.off
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > self.left:
+            raise _Bad(
+                f"blob ends inside {what}: needs {n} bytes at offset {self.off}, has {self.left}"
+            )
+        out = self.data[self.off : self.off + n]
+        self.off += n
+        return out
+
+    def _unpack(self, fmt: str, what: str) -> int:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def u32(self, what: str) -> int:
+        return self._unpack("<I", what)
+
+    def i32(self, what: str) -> int:
+        return self._unpack("<i", what)
+
+    def u64(self, what: str) -> int:
+        return self._unpack("<Q", what)
+
+    def ints(self, n: int, what: str) -> np.ndarray:
+        return np.frombuffer(self.take(4 * n, what), "<i4").astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# The configuration description in the header
+
+
+def _dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def _kv_desc(cfg: KVConfig) -> dict:
+    return dict(
+        n_layers=cfg.n_layers,
+        n_kv_heads=cfg.n_kv_heads,
+        head_dim_k=cfg.head_dim_k,
+        head_dim_v=cfg.head_dim_v,
+        dtype_k=_dtype_name(cfg.dtype_k),
+        dtype_v=_dtype_name(cfg.dtype_v),
+        unified=cfg.unified,
+        n_stream=cfg.n_stream,
+        kv_size=cfg.kv_size,
+        n_seq_max=cfg.n_seq_max,
+    )
+
+
+def _recurrent_desc(cfg: RecurrentConfig) -> dict:
+    return dict(
+        n_layers=cfg.n_layers,
+        r_shape=list(cfg.r_shape),
+        s_shape=list(cfg.s_shape),
+        dtype_r=_dtype_name(cfg.dtype_r),
+        dtype_s=_dtype_name(cfg.dtype_s),
+        n_seq_max=cfg.n_seq_max,
+    )
+
+
+def _desc(cfg: Config) -> dict:
+    if isinstance(cfg, KVConfig):
+        return dict(kv=_kv_desc(cfg))
+    if isinstance(cfg, RecurrentConfig):
+        return dict(recurrent=_recurrent_desc(cfg))
+    return dict(
+        layer_kinds=[int(k) for k in cfg.layer_kinds],
+        kv=_kv_desc(cfg.kv),
+        recurrent=_recurrent_desc(cfg.recurrent),
+    )
+
+
+# Capacities may differ between the saving and the restoring memory: restore checks counts and
+# sequence ids against the capacity it has (§9.3.4-5). Everything else must be equal.
+_SOFT_FIELDS = {"kv.kv_size", "kv.n_seq_max", "recurrent.n_seq_max"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _compare_desc(blob_desc, mine: dict, partial: bool) -> None:
+    if not isinstance(blob_desc, dict):
+        raise _Bad("the configuration description is not a JSON object")
+    try:
+        theirs, ours = _flatten(blob_desc), _flatten(mine)
+    except RecursionError:
+        raise _Bad("the configuration description is nested too deeply") from None
+    for key, value in ours.items():
+        if key in _SOFT_FIELDS or (partial and key.startswith(("kv.", "layer_kinds"))):
+            continue
+        if key not in theirs:
+            raise _Bad(f"configuration mismatch: field {key!r} is missing from the blob")
+        if theirs[key] != value:
+            raise _Bad(
+                f"configuration mismatch: field {key!r} is {theirs[key]!r} in the blob, "
+                f"{value!r} in this memory"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch on the memory type
+
+
+def _kind(mem: Memory, cfg: Config) -> int:
+    for kind, mem_t, cfg_t in (
+        (_KIND_KV, KVCache, KVConfig),
+        (_KIND_RECURRENT, RecurrentMemory, RecurrentConfig),
+        (_KIND_HYBRID, HybridMemory, HybridConfig),
+    ):
+        if isinstance(mem, mem_t):
+            if not isinstance(cfg, cfg_t):
+                raise TypeError(f"a {mem_t.__name__} needs a {cfg_t.__name__}, got {type(cfg)}")
+            return kind
+    raise TypeError(f"expected a KVCache, RecurrentMemory or HybridMemory, got {type(mem)}")
+
+
+def _parts(mem: Memory, cfg: Config, flags: StateFlags):
+    """The (kv, kv_cfg) and (recr, recr_cfg) parts a record holds (None when absent)."""
+    if isinstance(mem, KVCache):
+        return (mem, cfg), None
+    if isinstance(mem, RecurrentMemory):
+        return None, (mem, cfg)
+    kv = None if flags & StateFlags.PARTIAL_ONLY else (mem.kv, cfg.kv)
+    return kv, (mem.recr, cfg.recurrent)
+
+
+def _check_seq(seq_id: int, n_seq_max: int) -> int:
+    if isinstance(seq_id, bool) or not isinstance(seq_id, int | np.integer):
+        raise ValueError(f"seq_id must be an int, got {seq_id!r}")
+    if not -1 <= seq_id < n_seq_max:
+        raise ValueError(f"seq_id must be -1 (all) or in [0, {n_seq_max}), got {seq_id}")
+    return int(seq_id)
+
+
+def _n_seq_max(cfg: Config) -> int:
+    return cfg.n_seq_max
+
+
+def _bucket(n: int) -> int:
+    """Row counts are padded to powers of two so restores of many sizes share compilations."""
+    return max(8, 1 << max(0, n - 1).bit_length())
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _gather_rows(buf, stream, cell, n_lead: int):
+    """Rows ``buf[:, stream, cell]`` (KV, ``n_lead=2``) or ``buf[:, cell]`` (recurrent)."""
+    if n_lead == 2:
+        return buf[:, stream, cell]
+    return buf[:, cell]
+
+
+def _fetch_rows(bufs: Sequence[jax.Array], stream: np.ndarray, cell: np.ndarray, n_lead: int):
+    """The selected rows of every buffer, gathered on device and copied to the host once."""
+    n = len(cell)
+    pad = _bucket(n) - n
+    st = jnp.asarray(np.concatenate([stream, np.zeros(pad, np.int32)]))
+    ce = jnp.asarray(np.concatenate([cell, np.zeros(pad, np.int32)]))
+    rows = jax.device_get([_gather_rows(b, st, ce, n_lead) for b in bufs])
+    return [r[:, :n] for r in rows]
+
+
+def _write_layers(w: _Writer, rows: np.ndarray, dtype) -> None:
+    """Per layer: ``i32 type, u64 row_bytes, rows`` (§9.2, §9.4)."""
+    row_bytes = int(np.prod(rows.shape[2:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    for layer in rows:
+        w.i32(_TYPE_IDS[np.dtype(dtype)])
+        w.u64(row_bytes)
+        w.raw(layer)
+
+
+def _write_meta(w: _Writer, pos: np.ndarray, ids: list[np.ndarray]) -> None:
+    """``i32 pos, u32 n_seq_id, i32 seq_id[n_seq_id]`` per cell (§9.2, §9.4)."""
+    for p, cell_ids in zip(pos.tolist(), ids, strict=True):
+        w.i32(p)
+        w.u32(len(cell_ids))
+        w.ints(cell_ids)
+
+
+def _write_kv(w: _Writer, cache: KVCache, cfg: KVConfig, seq_id: int) -> None:
+    pos, seqs, shift = jax.device_get((cache.cells.pos, cache.cells.seq, cache.cells.shift))
+    sel = pos >= 0
+    if seq_id >= 0:
+        sel &= seqs[:, :, seq_id]
+    if np.any(shift[sel] != 0):
+        raise ValueError(
+            "the KV cache has pending K-shifts (§2.12): apply them with update() before saving, "
+            "the record stores K as rotated for the cells' positions"
+        )
+    streams, cells = np.nonzero(sel)
+    streams, cells = streams.astype(np.int32), cells.astype(np.int32)
+    k_rows, v_rows = _fetch_rows((cache.k, cache.v), streams, cells, n_lead=2)
+    w.u32(cfg.n_stream)
+    for s in range(cfg.n_stream):
+        mine = streams == s
+        n = int(np.sum(mine))
+        w.u32(n)
+        if n == 0:
+            continue
+        c = cells[mine]
+        if seq_id >= 0:
+            ids = [np.array([seq_id], np.int32)] * n
+        else:
+            ids = [np.nonzero(row)[0].astype(np.int32) for row in seqs[s, c]]
+        _write_meta(w, pos[s, c], ids)
+        w.u32(0)  # v_trans: V is stored row by row
+        w.u32(cfg.n_layers)
+        _write_layers(w, k_rows[:, mine], cfg.dtype_k)
+        _write_layers(w, v_rows[:, mine], cfg.dtype_v)
+
+
+def _write_recurrent(w: _Writer, mem: RecurrentMemory, cfg: RecurrentConfig, seq_id: int) -> None:
+    pos, seqs, tail = jax.device_get((mem.cells.pos, mem.cells.seq, mem.cells.tail))
+    if seq_id >= 0:
+        cells = np.array([tail[seq_id]] if tail[seq_id] >= 0 else [], np.int32)
+        ids = [np.zeros((0,), np.int32)] * len(cells)  # §9.4: per-seq writes n_seq_id = 0
+    else:
+        cells = np.nonzero(np.any(seqs, axis=1))[0].astype(np.int32)
+        ids = [np.nonzero(seqs[c])[0].astype(np.int32) for c in cells]
+    r_rows, s_rows = _fetch_rows((mem.r, mem.s), cells, cells, n_lead=1)
+    w.u32(len(cells))
+    if len(cells) == 0:
+        return
+    _write_meta(w, pos[cells], ids)
+    w.u32(0)  # s_trans
+    w.u32(cfg.n_layers)
+    _write_layers(w, r_rows, cfg.dtype_r)
+    _write_layers(w, s_rows, cfg.dtype_s)
+
+
+def state_write(
+    mem: Memory, cfg: Config, seq_id: int = -1, *, flags: StateFlags | int = StateFlags.NONE
+) -> bytes:
+    """Serializes the whole memory (``seq_id=-1``) or one sequence (§9.2, §9.4, §9.6).
+
+    Args:
+        mem: a :class:`~jaxhybrid.kv.KVCache`, :class:`~jaxhybrid.recurrent.RecurrentMemory` or
+            :class:`~jaxhybrid.HybridMemory` (not traced: this runs on the host).
+        cfg: its config.
+        seq_id: -1 for everything, else the sequence to save.
+        flags: :attr:`StateFlags.PARTIAL_ONLY` saves only the recurrent part of a hybrid memory
+            (ignored by the other memories, as in llama.cpp).
+
+    Returns:
+        The blob, to give to :func:`state_read` with the same ``flags``.
+
+    Raises:
+        ValueError: ``seq_id`` out of range, or the KV cache has pending K-shifts (run
+            :func:`~jaxhybrid.update` first).
+
+    Examples:
+        >>> import jaxhybrid as jh
+        >>> cfg = jh.KVConfig(kv_size=8, n_seq_max=2, head_dim_k=4)
+        >>> blob = jh.state_write(jh.kv.init_kv_cache(cfg), cfg)
+        >>> blob[:4]
+        b'JHMS'
+    """
+    kind = _kind(mem, cfg)
+    flags = StateFlags(flags)
+    seq_id = _check_seq(seq_id, _n_seq_max(cfg))
+    desc = json.dumps(_desc(cfg), sort_keys=True).encode()
+    w = _Writer()
+    w.raw(MAGIC)
+    w.u32(FORMAT_VERSION)
+    w.u32(kind)
+    w.u32(int(flags))
+    w.i32(seq_id)
+    w.u32(len(desc))
+    w.raw(desc)
+    kv, recr = _parts(mem, cfg, flags)
+    if kv is not None:
+        _write_kv(w, *kv, seq_id)
+    if recr is not None:
+        _write_recurrent(w, *recr, seq_id)
+    body = w.getvalue()
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: parse and validate everything first
+
+
+@dataclasses.dataclass
+class _Cells:
+    """Parsed cells of one record (or one KV stream): positions, seq ids, data rows."""
+
+    pos: np.ndarray  # [n] int32
+    ids: list[np.ndarray]  # per cell
+    rows: list[list[np.ndarray]]  # per buffer, per layer: [n, *row_shape] (views of the blob)
+
+
+def _read_meta(
+    r: _Reader, n: int, *, per_seq: bool, n_ids_per_seq: int, n_seq_max: int, what: str
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    pos = np.empty((n,), np.int32)
+    ids = []
+    for i in range(n):
+        p = r.i32(f"{what} cell {i} position")
+        if p < 0:
+            raise _Bad(f"{what} cell {i} has position {p} (must be >= 0)")
+        m = r.u32(f"{what} cell {i} sequence count")
+        if per_seq:
+            if m != n_ids_per_seq:
+                raise _Bad(
+                    f"{what} cell {i} lists {m} sequences; a per-sequence record has "
+                    f"{n_ids_per_seq} (§9.3.3, §9.5)"
+                )
+        elif not 1 <= m <= n_seq_max:
+            raise _Bad(f"{what} cell {i} lists {m} sequences (must be 1..{n_seq_max})")
+        cell_ids = r.ints(m, f"{what} cell {i} sequence ids")
+        if not per_seq:
+            if np.any((cell_ids < 0) | (cell_ids >= n_seq_max)):
+                raise _Bad(
+                    f"{what} cell {i} has sequence id {cell_ids.tolist()} outside [0, {n_seq_max})"
+                )
+            if len(np.unique(cell_ids)) != m:
+                raise _Bad(f"{what} cell {i} lists a sequence twice: {cell_ids.tolist()}")
+        pos[i] = p
+        ids.append(cell_ids)
+    return pos, ids
+
+
+def _read_layers(
+    r: _Reader, n_layers: int, n: int, shape: tuple[int, ...], dtype, what: str
+) -> list[np.ndarray]:
+    dtype = np.dtype(dtype)
+    row_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    layers = []
+    for layer in range(n_layers):
+        t = r.i32(f"{what} layer {layer} type")
+        if t != _TYPE_IDS[dtype]:
+            raise _Bad(
+                f"{what} layer {layer} has type {t}, this memory stores {dtype.name} "
+                f"(type {_TYPE_IDS[dtype]})"
+            )
+        size = r.u64(f"{what} layer {layer} row size")
+        if size != row_bytes:
+            raise _Bad(f"{what} layer {layer} rows are {size} bytes, this memory's {row_bytes}")
+        buf = r.take(n * row_bytes, f"{what} layer {layer} rows")
+        layers.append(np.frombuffer(buf, dtype).reshape((n, *shape)))
+    return layers
+
+
+def _read_data_header(r: _Reader, n_layers: int, trans: str, what: str) -> None:
+    if r.u32(f"{what} {trans}") != 0:
+        raise _Bad(f"{what} has {trans} != 0; only untransposed rows are supported")
+    m = r.u32(f"{what} layer count")
+    if m != n_layers:
+        raise _Bad(f"{what} has {m} layers, this memory {n_layers}")
+
+
+def _unique_positions(pos: np.ndarray, ids: list[np.ndarray], what: str) -> None:
+    """Each sequence holds each position once (the invariant every batch keeps, §6.2)."""
+    if not ids:
+        return
+    counts = np.array([len(i) for i in ids])
+    pairs = np.stack([np.concatenate(ids), np.repeat(pos, counts)], axis=1)
+    uniq, n = np.unique(pairs, axis=0, return_counts=True)
+    if np.any(n > 1):
+        s, p = uniq[np.argmax(n > 1)]
+        raise _Bad(f"{what}: sequence {s} holds position {p} in two cells")
+
+
+def _parse_kv(r: _Reader, cfg: KVConfig, per_seq: bool) -> list[_Cells | None]:
+    """The record of §9.2: one entry per stream (None when the stream has no cells)."""
+    n_stream = r.u32("KV stream count")
+    if n_stream != cfg.n_stream:
+        raise _Bad(f"KV record has {n_stream} streams, this cache {cfg.n_stream} (§9.3.1)")
+    out: list[_Cells | None] = []
+    for s in range(n_stream):
+        what = f"KV stream {s}"
+        n = r.u32(f"{what} cell count")
+        if n > cfg.kv_size:
+            raise _Bad(f"{what} holds {n} cells, this cache has {cfg.kv_size} per stream")
+        if n == 0:
+            out.append(None)
+            continue
+        pos, ids = _read_meta(
+            r, n, per_seq=per_seq, n_ids_per_seq=1, n_seq_max=cfg.n_seq_max, what=what
+        )
+        if per_seq:
+            saved = np.unique(np.concatenate(ids))
+            if len(saved) != 1:
+                raise _Bad(f"{what}: a per-sequence record names sequences {saved.tolist()}")
+            ids = [np.zeros((1,), np.int32)] * n  # the stored id is replaced by the destination
+        elif not cfg.unified and any(np.any(i != s) for i in ids):
+            raise _Bad(f"{what} holds a cell of another sequence (one stream per sequence, §2.1)")
+        _unique_positions(pos, ids, what)
+        _read_data_header(r, cfg.n_layers, "v_trans", what)
+        k = _read_layers(r, cfg.n_layers, n, (cfg.n_kv_heads, cfg.head_dim_k), cfg.dtype_k, what)
+        v = _read_layers(r, cfg.n_layers, n, (cfg.n_kv_heads, cfg.head_dim_v), cfg.dtype_v, what)
+        out.append(_Cells(pos, ids, [k, v]))
+    if per_seq and sum(c is not None for c in out) > 1:
+        raise _Bad("a per-sequence KV record has cells in more than one stream")
+    return out
+
+
+def _parse_recurrent(r: _Reader, cfg: RecurrentConfig, per_seq: bool) -> _Cells | None:
+    """The record of §9.4 (None when it has no cells)."""
+    what = "recurrent record"
+    n = r.u32(f"{what} cell count")
+    cap = 1 if per_seq else cfg.rs_size
+    if n > cap:
+        raise _Bad(f"{what} holds {n} cells, at most {cap} fit (§9.5)")
+    if n == 0:
+        return None
+    pos, ids = _read_meta(
+        r, n, per_seq=per_seq, n_ids_per_seq=0, n_seq_max=cfg.n_seq_max, what=what
+    )
+    if not per_seq:
+        all_ids = np.concatenate(ids)
+        uniq, counts = np.unique(all_ids, return_counts=True)
+        if np.any(counts > 1):
+            raise _Bad(
+                f"{what}: sequence {uniq[np.argmax(counts > 1)]} has two cells (duplicate tail)"
+            )
+    _read_data_header(r, cfg.n_layers, "s_trans", what)
+    rr = _read_layers(r, cfg.n_layers, n, cfg.r_shape, cfg.dtype_r, what + " r")
+    ss = _read_layers(r, cfg.n_layers, n, cfg.s_shape, cfg.dtype_s, what + " s")
+    return _Cells(pos, ids, [rr, ss])
+
+
+def _parse_header(r: _Reader, kind: int, cfg: Config, seq_id: int, flags: StateFlags) -> None:
+    if bytes(r.take(4, "magic")) != MAGIC:
+        raise _Bad("not a jaxhybrid state blob (bad magic)")
+    version = r.u32("format version")
+    if version != FORMAT_VERSION:
+        raise _Bad(f"format version {version}, this jaxhybrid reads version {FORMAT_VERSION}")
+    their_kind = r.u32("memory kind")
+    if their_kind != kind:
+        name = _KIND_NAMES.get(their_kind, f"unknown kind {their_kind}")
+        raise _Bad(f"the blob holds a {name} record, this memory is a {_KIND_NAMES[kind]}")
+    their_flags = r.u32("flags")
+    if their_flags != int(flags):
+        raise _Bad(f"the blob was written with flags={their_flags}, read with flags={int(flags)}")
+    saved_seq = r.i32("saved sequence id")
+    if saved_seq < -1:
+        raise _Bad(f"saved sequence id {saved_seq} is invalid")
+    if (saved_seq == -1) != (seq_id == -1):
+        if saved_seq == -1:
+            raise _Bad("the blob holds the whole memory; read it with seq_id=-1")
+        raise _Bad(f"the blob holds one sequence ({saved_seq}); read it with a seq_id >= 0")
+    n = r.u32("description length")
+    if n > _MAX_DESC_BYTES:
+        raise _Bad(f"description of {n} bytes (at most {_MAX_DESC_BYTES})")
+    raw = bytes(r.take(n, "description"))
+    try:
+        desc = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _Bad(f"the configuration description is not valid JSON ({e})") from None
+    _compare_desc(desc, _desc(cfg), partial=bool(flags & StateFlags.PARTIAL_ONLY))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: plan the placement on host copies of the metadata, then apply
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _scatter_rows(buf, stream, cell, rows, n_lead: int, clear: bool):
+    """``buf`` (zeroed when ``clear``) with ``rows`` written at the cells; padding (index past the
+    end) is dropped."""
+    if clear:
+        buf = jnp.zeros_like(buf)
+    if n_lead == 2:
+        return buf.at[:, stream, cell].set(rows, mode="drop")
+    return buf.at[:, cell].set(rows, mode="drop")
+
+
+def _store(bufs, stream: np.ndarray, cell: np.ndarray, segments, n_lead: int, clear: bool):
+    """Each buffer with its rows scattered in at ``(stream, cell)``.
+
+    ``segments[i]`` lists the parsed row blocks of buffer ``i`` (per block, per layer: views of
+    the blob), in the order of ``cell``. They are packed into one padded host array per buffer,
+    the only host copy, and copied to the device once.
+    """
+    n = len(cell)
+    size = _bucket(n)
+    end = bufs[0].shape[n_lead]
+    st = jnp.asarray(np.concatenate([stream, np.zeros(size - n, np.int32)]))
+    ce = jnp.asarray(np.concatenate([cell, np.full(size - n, end, np.int32)]))
+    out = []
+    for buf, blocks in zip(bufs, segments, strict=True):
+        packed = np.zeros((buf.shape[0], size, *buf.shape[n_lead + 1 :]), buf.dtype)
+        off = 0
+        for layers in blocks:
+            for layer, rows in enumerate(layers):
+                packed[layer, off : off + len(rows)] = rows
+            off += len(layers[0]) if layers else 0
+        new = _scatter_rows(buf, st, ce, jnp.asarray(packed), n_lead, clear)
+        out.append(_like(new, buf))
+    return out
+
+
+def _like(new: jax.Array, old: jax.Array) -> jax.Array:
+    """``new`` placed as ``old`` is (a restore keeps the memory's sharding)."""
+    if getattr(old, "sharding", None) is not None and new.sharding != old.sharding:
+        return jax.device_put(new, old.sharding)
+    return new
+
+
+def _free_cells(used: np.ndarray, head: int, n: int) -> np.ndarray | None:
+    """The first ``n`` free cells in circular order from ``head`` (as placement scans, §2.4),
+    or None when fewer are free."""
+    size = len(used)
+    order = (np.arange(size) + head) % size
+    free = order[~used[order]]
+    return free[:n].astype(np.int32) if len(free) >= n else None
+
+
+def _restore_kv(cache: KVCache, cfg: KVConfig, rec: list[_Cells | None], seq_id: int) -> KVCache:
+    """Plans and applies a parsed KV record (§9.3); raises :class:`_Bad` before any change."""
+    st, size, n_seq = cfg.n_stream, cfg.kv_size, cfg.n_seq_max
+    if seq_id == -1:
+        # §9.3.4: clear, then cells [0, n) of each stream receive the stored cells.
+        pos = np.full((st, size), -1, np.int32)
+        seqs = np.zeros((st, size, n_seq), np.bool_)
+        head = np.zeros((st,), np.int32)
+        shift = np.zeros((st, size), np.int32)
+        streams, cells, rows = [], [], []
+        for s, c in enumerate(rec):
+            if c is None:
+                continue
+            n = len(c.pos)
+            pos[s, :n] = c.pos
+            for i, ids in enumerate(c.ids):
+                seqs[s, i, ids] = True
+            streams.append(np.full(n, s, np.int32))
+            cells.append(np.arange(n, dtype=np.int32))
+            rows.append(c.rows)
+        clear = True
+    else:
+        # §9.3.3: the destination's cells are dropped, then the stored cells go to free cells of
+        # its stream. Done on host copies of the metadata, so nothing changes if they do not fit.
+        pos, seqs, shift, head = (np.array(x) for x in jax.device_get(cache.cells))
+        seqs[:, :, seq_id] = False
+        freed = (pos >= 0) & ~np.any(seqs, axis=-1)
+        pos[freed] = -1
+        shift[freed] = 0
+        for s in range(st):
+            if np.any(freed[s]):
+                head[s] = min(head[s], int(np.argmax(freed[s])))
+        c = next((c for c in rec if c is not None), None)
+        streams, cells, rows = [], [], []
+        if c is not None:
+            s = 0 if cfg.unified else seq_id
+            n = len(c.pos)
+            free = _free_cells(pos[s] >= 0, int(head[s]), n)
+            if free is None:
+                n_free = int(np.sum(pos[s] < 0))
+                raise _Bad(
+                    f"sequence needs {n} cells, stream {s} has {n_free} free after removing "
+                    f"sequence {seq_id}"
+                )
+            pos[s, free] = c.pos
+            seqs[s, free, seq_id] = True
+            shift[s, free] = 0
+            head[s] = free[-1] + 1
+            streams.append(np.full(n, s, np.int32))
+            cells.append(free)
+            rows.append(c.rows)
+        clear = False
+    new_cells = KVCells(
+        pos=_like(jnp.asarray(pos), cache.cells.pos),
+        seq=_like(jnp.asarray(seqs), cache.cells.seq),
+        shift=_like(jnp.asarray(shift), cache.cells.shift),
+        head=_like(jnp.asarray(head, jnp.int32), cache.cells.head),
+    )
+    if not rows:
+        k, v = (jnp.zeros_like(b) for b in (cache.k, cache.v)) if clear else (cache.k, cache.v)
+        return KVCache(new_cells, _like(k, cache.k), _like(v, cache.v))
+    segments = [[r[i] for r in rows] for i in range(2)]
+    k, v = _store(
+        (cache.k, cache.v), np.concatenate(streams), np.concatenate(cells), segments, 2, clear
+    )
+    return KVCache(new_cells, k, v)
+
+
+def _restore_recurrent(
+    mem: RecurrentMemory, cfg: RecurrentConfig, rec: _Cells | None, seq_id: int
+) -> RecurrentMemory:
+    """Plans and applies a parsed recurrent record (§9.5)."""
+    rs, n_seq = cfg.rs_size, cfg.n_seq_max
+    if seq_id == -1:
+        pos = np.full((rs,), -1, np.int32)
+        seqs = np.zeros((rs, n_seq), np.bool_)
+        tail = np.full((n_seq,), -1, np.int32)
+        head = 0
+        cells = np.zeros((0,), np.int32)
+        if rec is not None:
+            n = len(rec.pos)
+            cells = np.arange(n, dtype=np.int32)
+            pos[:n] = rec.pos
+            for i, ids in enumerate(rec.ids):
+                seqs[i, ids] = True
+                tail[ids] = i
+        clear = True
+    else:
+        pos, seqs, tail, head = (np.array(x) for x in jax.device_get(mem.cells))
+        head = int(head)
+        old = int(tail[seq_id])
+        if old >= 0:
+            seqs[old, seq_id] = False
+            tail[seq_id] = -1
+            if not np.any(seqs[old]):
+                pos[old] = -1
+                head = min(head, old)
+        cells = np.zeros((0,), np.int32)
+        if rec is not None:
+            free = _free_cells(np.any(seqs, axis=1), head, 1)
+            if free is None:  # cannot happen: a sequence holds at most one of rs >= n_seq cells
+                raise _Bad("no free recurrent cell for the sequence")
+            cells = free
+            pos[free] = rec.pos
+            seqs[free, seq_id] = True
+            tail[seq_id] = free[0]
+            head = (int(free[0]) + 1) % rs
+        clear = False
+    new_cells = RecurrentCells(
+        pos=_like(jnp.asarray(pos), mem.cells.pos),
+        seq=_like(jnp.asarray(seqs), mem.cells.seq),
+        tail=_like(jnp.asarray(tail), mem.cells.tail),
+        head=_like(jnp.asarray(head, jnp.int32), mem.cells.head),
+    )
+    if rec is None:
+        r, s = (jnp.zeros_like(b) for b in (mem.r, mem.s)) if clear else (mem.r, mem.s)
+        return RecurrentMemory(new_cells, _like(r, mem.r), _like(s, mem.s))
+    r, s = _store((mem.r, mem.s), cells, cells, [[rows] for rows in rec.rows], 1, clear)
+    return RecurrentMemory(new_cells, r, s)
+
+
+def _read(mem: Memory, cfg: Config, data, seq_id: int, flags: StateFlags) -> Memory:
+    kind = _kind(mem, cfg)
+    flags = StateFlags(flags)
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError as e:
+        raise _Bad(f"data must be bytes-like, got {type(data).__name__}") from e
+    if isinstance(seq_id, bool) or not isinstance(seq_id, int | np.integer):
+        raise _Bad(f"seq_id must be an int, got {seq_id!r}")
+    if not -1 <= seq_id < _n_seq_max(cfg):
+        raise _Bad(f"seq_id must be -1 (all) or in [0, {_n_seq_max(cfg)}), got {seq_id}")
+    if len(view) < 4:
+        raise _Bad(f"blob of {len(view)} bytes is too short")
+    (crc,) = struct.unpack("<I", view[-4:])
+    if zlib.crc32(view[:-4]) != crc:
+        raise _Bad("checksum mismatch: the blob is truncated, extended or corrupted")
+    r = _Reader(view[:-4])
+    _parse_header(r, kind, cfg, seq_id, flags)
+    kv, recr = _parts(mem, cfg, flags)
+    per_seq = seq_id >= 0
+    kv_rec = _parse_kv(r, kv[1], per_seq) if kv is not None else None
+    recr_rec = _parse_recurrent(r, recr[1], per_seq) if recr is not None else None
+    if r.left:
+        raise _Bad(f"{r.left} unexpected bytes after the records")
+    # Everything is parsed and checked; placement may still fail (no room), so plan both parts
+    # before building either (the KV plan raises before any device work).
+    new_kv = _restore_kv(*kv, kv_rec, seq_id) if kv is not None else None
+    new_recr = _restore_recurrent(*recr, recr_rec, seq_id) if recr is not None else None
+    if isinstance(mem, KVCache):
+        return new_kv
+    if isinstance(mem, RecurrentMemory):
+        return new_recr
+    return HybridMemory(mem.kv if new_kv is None else new_kv, new_recr)
+
+
+def state_read(
+    mem: Memory,
+    cfg: Config,
+    data: bytes | bytearray | memoryview,
+    seq_id: int = -1,
+    *,
+    flags: StateFlags | int = StateFlags.NONE,
+) -> tuple[Memory, StateStatus]:
+    """Restores a blob of :func:`state_write` (§9.3, §9.5).
+
+    With ``seq_id=-1`` the blob must hold a whole memory, which replaces everything. With
+    ``seq_id >= 0`` it must hold one sequence (saved under any id): the destination's cells are
+    replaced by the stored ones, placed in free cells of its stream.
+
+    Transactional: on any failure the memory given is returned unchanged together with a status
+    saying what is wrong; nothing raises for bad blob contents (see :func:`load_state`).
+
+    Args:
+        mem: the memory to restore into (its type and config must match the blob's).
+        cfg: its config.
+        data: the blob.
+        seq_id: -1 for a whole-memory blob, else the destination sequence id.
+        flags: the flags the blob was written with.
+
+    Returns:
+        ``(memory, status)``.
+
+    Examples:
+        >>> import jaxhybrid as jh
+        >>> cfg = jh.RecurrentConfig(n_seq_max=2, n_layers=1, r_shape=(2,), s_shape=(2,))
+        >>> mem = jh.recurrent.init_recurrent(cfg)
+        >>> mem, status = jh.state_read(mem, cfg, b"garbage")
+        >>> status.ok, status.message
+        (False, 'checksum mismatch: the blob is truncated, extended or corrupted')
+    """
+    try:
+        return _read(mem, cfg, data, seq_id, flags), StateStatus(True, "")
+    except _Bad as e:
+        return mem, StateStatus(False, str(e))
+
+
+def load_state(
+    mem: Memory,
+    cfg: Config,
+    data: bytes | bytearray | memoryview,
+    seq_id: int = -1,
+    *,
+    flags: StateFlags | int = StateFlags.NONE,
+) -> Memory:
+    """:func:`state_read` that raises :class:`StateError` naming the problem instead of returning
+    a status."""
+    new, status = state_read(mem, cfg, data, seq_id, flags=flags)
+    if not status.ok:
+        raise StateError(f"cannot restore state: {status.message}")
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# Files (§9.7: magic, version, the caller's token list, then the memory record)
+
+
+def save_state_file(
+    path: str | os.PathLike,
+    mem: Memory,
+    cfg: Config,
+    seq_id: int = -1,
+    *,
+    tokens: Sequence[int] | np.ndarray = (),
+    flags: StateFlags | int = StateFlags.NONE,
+) -> int:
+    """Writes ``tokens`` (the caller's token history, kept beside the state as llama.cpp's
+    session files do) and the state blob to ``path``, atomically. Returns the bytes written."""
+    toks = np.asarray(tokens, np.int64)
+    if toks.ndim != 1 or np.any((toks < np.iinfo(np.int32).min) | (toks > np.iinfo(np.int32).max)):
+        raise ValueError("tokens must be a 1-D sequence of int32 values")
+    blob = state_write(mem, cfg, seq_id, flags=flags)
+    head = FILE_MAGIC + struct.pack("<II", FORMAT_VERSION, len(toks))
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(head)
+        f.write(toks.astype("<i4").tobytes())
+        f.write(blob)
+    os.replace(tmp, path)
+    return len(head) + 4 * len(toks) + len(blob)
+
+
+def load_state_file(
+    path: str | os.PathLike,
+    mem: Memory,
+    cfg: Config,
+    seq_id: int = -1,
+    *,
+    flags: StateFlags | int = StateFlags.NONE,
+) -> tuple[Memory, np.ndarray]:
+    """Reads a file of :func:`save_state_file`: returns ``(memory, tokens)``.
+
+    Raises:
+        StateError: the file is not a state file or its state cannot be restored (the memory
+            given is untouched).
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 12 or data[:4] != FILE_MAGIC:
+        raise StateError(f"{os.fspath(path)!r} is not a jaxhybrid state file")
+    version, n_tokens = struct.unpack_from("<II", data, 4)
+    if version != FORMAT_VERSION:
+        raise StateError(
+            f"{os.fspath(path)!r} has format version {version}, expected {FORMAT_VERSION}"
+        )
+    if 12 + 4 * n_tokens > len(data):
+        raise StateError(f"{os.fspath(path)!r} is truncated: it announces {n_tokens} tokens")
+    tokens = np.frombuffer(data, "<i4", n_tokens, 12).astype(np.int32)
+    blob = memoryview(data)[12 + 4 * n_tokens :]
+    try:
+        return load_state(mem, cfg, blob, seq_id, flags=flags), tokens
+    except StateError as e:
+        raise StateError(f"{os.fspath(path)!r}: {e}") from None
