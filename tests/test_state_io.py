@@ -455,12 +455,15 @@ _mutation = st.one_of(
 )
 
 
-def _mutate(blob: bytes, mutations, reseal: bool) -> bytes:
+def _mutate(blob: bytes, mutations, reseal: bool, records_only: bool = False) -> bytes:
+    """``blob`` mutated; with ``records_only`` the mutations land after the description, in
+    the records themselves."""
     b = bytearray(blob[:-4] if reseal else blob)
+    start = _desc_end(blob) if records_only else 0
     for kind, where, arg in mutations:
-        if not b:
+        if len(b) <= start:
             break
-        i = where % len(b)
+        i = start + where % (len(b) - start)
         if kind == "flip":
             b[i] ^= 1 << arg
         elif kind == "byte":
@@ -483,12 +486,13 @@ def _mutate(blob: bytes, mutations, reseal: bool) -> bytes:
 @given(
     which=st.integers(0, 1),
     reseal=st.booleans(),
+    records_only=st.booleans(),
     mutations=st.lists(_mutation, min_size=1, max_size=3),
 )
-def test_fuzzed_blobs_never_crash_or_restore_partially(which, reseal, mutations):
+def test_fuzzed_blobs_never_crash_or_restore_partially(which, reseal, records_only, mutations):
     cfg, target, before, blobs = _fuzz_fixture()
     seq = -1 if which == 0 else 2
-    blob = _mutate(blobs[which], mutations, reseal)
+    blob = _mutate(blobs[which], mutations, reseal, records_only)
     new, status = jh.state_read(target, cfg, blob, seq)
     if not status.ok:
         assert status.message
