@@ -123,6 +123,10 @@ class RecurrentConfig:
         s_shape: shape of one cell's ``s`` (SSM / WKV / delta-net) state, per layer.
         dtype_r: ``r`` storage dtype (float32 by default, as llama.cpp).
         dtype_s: ``s`` storage dtype.
+        n_snapshots: rollback horizon (0 = off): every cell keeps the states after each of the
+            ``n_snapshots`` positions before its last one, so ``seq_rm(seq, p0, -1)`` can rewind
+            a sequence by up to that many tokens exactly (§5.9-5.10). Costs ``n_snapshots``
+            extra states per cell.
     """
 
     n_seq_max: int = 1
@@ -131,10 +135,12 @@ class RecurrentConfig:
     s_shape: tuple[int, ...] = (16, 16)
     dtype_r: object = jnp.float32
     dtype_s: object = jnp.float32
+    n_snapshots: int = 0
 
     def __post_init__(self):
         _positive_int("n_seq_max", self.n_seq_max)
         _positive_int("n_layers", self.n_layers, allow_zero=True)
+        _positive_int("n_snapshots", self.n_snapshots, allow_zero=True)
         for name in ("r_shape", "s_shape"):
             shape = getattr(self, name)
             if not isinstance(shape, tuple | list):

@@ -471,10 +471,16 @@ def write_states(
     r: Array,
     s: Array,
     n_seqs,
+    *,
+    r_tok: Array | None = None,
+    s_tok: Array | None = None,
 ) -> HybridMemory:
-    """Stores the final ``(r, s)`` state of every seq set for recurrent model layer ``layer``."""
+    """Stores the final ``(r, s)`` state of every seq set for recurrent model layer ``layer``;
+    with rollback snapshots (``n_snapshots > 0``) also the per-token states ``r_tok`` / ``s_tok``
+    they are taken from (see :func:`jaxhybrid.recurrent.write_states`)."""
     il = _sub(cfg, layer, LayerKind.RECURRENT)
-    return mem._replace(recr=rec.write_states(mem.recr, il, place.recr, r, s, n_seqs))
+    recr = rec.write_states(mem.recr, il, place.recr, r, s, n_seqs, r_tok=r_tok, s_tok=s_tok)
+    return mem._replace(recr=recr)
 
 
 # --------------------------------------------------------------------------------------------

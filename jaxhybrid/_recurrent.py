@@ -67,22 +67,28 @@ class RecurrentCells(NamedTuple):
         seq: ``[rs_size, n_seq_max]`` sequences sharing each cell's state (empty cell: none).
         tail: the cell holding each sequence's state, -1 when the sequence has none.
         head: where the circular search for free cells starts (§5.4.4).
+        snap: with ``n_snapshots = H > 0``, ``[rs_size, H]``: the position whose state each
+            snapshot slot of each cell holds (-1 = none). A state after position ``q`` lives in
+            slot ``q % H``; a cell's valid snapshots are positions before its ``pos`` within the
+            last ``H``. None when snapshots are off.
     """
 
     pos: Int[Array, " rs"]
     seq: Bool[Array, "rs seqs"]
     tail: Int[Array, " seqs"]
     head: Scalar
+    snap: Int[Array, "rs snapshots"] | None = None
 
 
 def init_recurrent_cells(cfg: RecurrentConfig) -> RecurrentCells:
     """Empty cell metadata for ``cfg``."""
-    rs = cfg.rs_size
+    rs, h = cfg.rs_size, cfg.n_snapshots
     return RecurrentCells(
         pos=jnp.full((rs,), -1, _I32),
         seq=jnp.zeros((rs, cfg.n_seq_max), jnp.bool_),
         tail=jnp.full((cfg.n_seq_max,), -1, _I32),
         head=jnp.zeros((), _I32),
+        snap=jnp.full((rs, h), -1, _I32) if h else None,
     )
 
 
@@ -97,11 +103,16 @@ class RecurrentMemory(NamedTuple):
         cells: the cell metadata.
         r: ``[n_layers, rs_size, *r_shape]`` convolution / token-shift states (``dtype_r``).
         s: ``[n_layers, rs_size, *s_shape]`` SSM / WKV / delta-net states (``dtype_s``).
+        snap_r: with ``n_snapshots = H > 0``, ``[n_layers, rs_size, H, *r_shape]``: the rollback
+            snapshots of ``r`` (slot meanings in ``cells.snap``); None when snapshots are off.
+        snap_s: the same for ``s``.
     """
 
     cells: RecurrentCells
     r: Shaped[Array, "layers rs *r_shape"]
     s: Shaped[Array, "layers rs *s_shape"]
+    snap_r: Shaped[Array, "layers rs snapshots *r_shape"] | None = None
+    snap_s: Shaped[Array, "layers rs snapshots *s_shape"] | None = None
 
 
 def init_recurrent(cfg: RecurrentConfig) -> RecurrentMemory:
@@ -113,11 +124,13 @@ def init_recurrent(cfg: RecurrentConfig) -> RecurrentMemory:
         >>> mem.r.shape, mem.cells.pos.tolist()
         ((3, 2, 3, 8), [-1, -1])
     """
-    rs = cfg.rs_size
+    rs, h = cfg.rs_size, cfg.n_snapshots
     return RecurrentMemory(
         cells=init_recurrent_cells(cfg),
         r=jnp.zeros((cfg.n_layers, rs, *cfg.r_shape), cfg.dtype_r),
         s=jnp.zeros((cfg.n_layers, rs, *cfg.s_shape), cfg.dtype_s),
+        snap_r=jnp.zeros((cfg.n_layers, rs, h, *cfg.r_shape), cfg.dtype_r) if h else None,
+        snap_s=jnp.zeros((cfg.n_layers, rs, h, *cfg.s_shape), cfg.dtype_s) if h else None,
     )
 
 
@@ -131,11 +144,16 @@ class RecurrentSlot(NamedTuple):
         src: cell to read the set's initial state from, -1 for a zero state (new sequence).
         dst: cell the set's final state is written to.
         ok: placement succeeded.
+        snap_from: with snapshots, ``[min(n_ubatch, n_seq_max), H]``: where each snapshot slot
+            of each set's ``dst`` cell gets its state: a token index of the ubatch (the state
+            after that token), -1 the live state of ``src`` (the set's previous state), -2 the
+            same slot of ``src`` (kept), -3 nothing. None when snapshots are off.
     """
 
     src: Int[Array, " ubatch"]
     dst: Int[Array, " ubatch"]
     ok: ScalarBool
+    snap_from: Int[Array, "sets snapshots"] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +179,18 @@ def _check_memory(mem: RecurrentMemory, cfg: RecurrentConfig) -> None:
         "r": mem.r,
         "s": mem.s,
     }
+    h = cfg.n_snapshots
+    snaps = {"cells.snap": mem.cells.snap, "snap_r": mem.snap_r, "snap_s": mem.snap_s}
+    if h:
+        expected["cells.snap"] = ((rs, h), np.dtype(np.int32))
+        expected["snap_r"] = ((cfg.n_layers, rs, h, *cfg.r_shape), cfg.dtype_r)
+        expected["snap_s"] = ((cfg.n_layers, rs, h, *cfg.s_shape), cfg.dtype_s)
+        found.update(snaps)
+        missing = [name for name, a in snaps.items() if a is None]
+        if missing:
+            raise ValueError(f"config has n_snapshots={h} but the memory has no {missing}")
+    elif any(a is not None for a in snaps.values()):
+        raise ValueError("the memory holds snapshots but its config has n_snapshots=0")
     for name, (shape, dtype) in expected.items():
         a = found[name]
         if tuple(a.shape) != shape or np.dtype(a.dtype) != dtype:
@@ -203,8 +233,10 @@ def _free_order(cells: RecurrentCells, head: Scalar) -> tuple[Int[Array, " rs"],
 
 
 def _drop_empty(cells: RecurrentCells) -> RecurrentCells:
-    """Cells left without sequences become empty (``pos = -1``)."""
-    return cells._replace(pos=jnp.where(jnp.any(cells.seq, axis=1), cells.pos, -1))
+    """Cells left without sequences become empty (``pos = -1``, no snapshots)."""
+    held = jnp.any(cells.seq, axis=1)
+    snap = None if cells.snap is None else jnp.where(held[:, None], cells.snap, -1)
+    return cells._replace(pos=jnp.where(held, cells.pos, -1), snap=snap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,17 +311,85 @@ def _find_slot_cells(
     set_of_seq = jnp.argmax(members, axis=0)
     tail2 = jnp.where(any_member, cell[set_of_seq], cells1.tail)
     head2 = jnp.min(jnp.where(set_ok, cell, rs)).astype(_I32)
-    new = _drop_empty(RecurrentCells(pos=pos2, seq=seq2, tail=tail2, head=head2))
+    new = _drop_empty(cells1._replace(pos=pos2, seq=seq2, tail=tail2, head=head2))
 
     ok = ~bad_id & ~overlap & ~no_cell
     apply = ok & (n_sets > 0)
+    snap_from = None
+    if cfg.n_snapshots:
+        snap, snap_from = _place_snapshots(new.snap, cells1, ubatch, src, cell, set_ok, cfg)
+        new = new._replace(snap=snap)
+        snap_from = jnp.where(ok, snap_from, -3)
     minus1 = jnp.full((n_ub,), -1, _I32)
     slot = RecurrentSlot(
         src=jnp.where(ok, src, minus1).astype(_I32),
         dst=jnp.where(ok, cell, minus1).astype(_I32),
         ok=ok,
+        snap_from=snap_from,
     )
     return _select(apply, new, cells), slot
+
+
+def _place_snapshots(
+    snap: Int[Array, "rs snapshots"],
+    old: RecurrentCells,
+    ubatch: UBatch,
+    src: Int[Array, " ubatch"],
+    cell: Int[Array, " ubatch"],
+    set_ok: Bool[Array, " ubatch"],
+    cfg: RecurrentConfig,
+) -> tuple[Int[Array, "rs snapshots"], Int[Array, "sets snapshots"]]:
+    """Snapshot slots of every set's destination cell after the ubatch (§5.10, our form).
+
+    A set ending at position ``P`` keeps the states after the positions in ``[P - H, P)`` that
+    exist: those its source cell kept, the source's live state (position ``prev``) and the states
+    after each of its tokens but the last (whose state is the live one). Any ``H`` consecutive
+    positions fall in distinct slots ``q % H``, so these never collide.
+
+    Returns:
+        The updated ``snap`` and, per set, where each slot's state comes from (see
+        :class:`RecurrentSlot`).
+    """
+    h, rs = cfg.n_snapshots, cfg.rs_size
+    n_ub = ubatch.valid.shape[0]
+    n_sets = min(n_ub, cfg.n_seq_max)  # an equal split has at most one set per sequence
+    n_tok = ubatch.n_seq_tokens.astype(_I32)
+    k = jnp.arange(n_sets, dtype=_I32)
+    j = jnp.arange(n_ub, dtype=_I32)
+    ok_k = set_ok[:n_sets]
+    src_k = src[:n_sets]
+    last_pos = ubatch.pos[jnp.clip(k * n_tok + n_tok - 1, 0, n_ub - 1)].astype(_I32)
+    lo = last_pos - h
+
+    # Kept: the source's snapshots still inside the window.
+    sc = jnp.clip(src_k, 0, rs - 1)
+    has_src = src_k >= 0
+    base = jnp.where(has_src[:, None], old.snap[sc], -1)
+    keep = (base >= lo[:, None]) & (base < last_pos[:, None])
+    row = jnp.where(keep, base, -1)
+    frm = jnp.where(keep, -2, -3)
+    rows = jnp.arange(n_sets)[:, None]
+
+    # The source's live state, at its position.
+    prev = jnp.where(has_src, old.pos[sc], -1)
+    use = has_src & (prev >= 0) & (prev >= lo) & (prev < last_pos)
+    slot = jnp.where(use, prev % h, h)[:, None]
+    row = row.at[rows, slot].set(prev[:, None], mode="drop")
+    frm = frm.at[rows, slot].set(-1, mode="drop")
+
+    # Every token of the set but its last.
+    t = k[:, None] * n_tok + j[None, :]
+    tc = jnp.clip(t, 0, n_ub - 1)
+    q = ubatch.pos[tc].astype(_I32)
+    use = (j[None, :] < n_tok - 1) & ubatch.valid[tc] & (q >= lo[:, None]) & (q >= 0)
+    slot = jnp.where(use, q % h, h)
+    row = row.at[rows, slot].set(q, mode="drop")
+    frm = frm.at[rows, slot].set(t, mode="drop")
+
+    row = jnp.where(ok_k[:, None], row, -1)
+    frm = jnp.where(ok_k[:, None], frm, -3)
+    dst = jnp.where(ok_k, cell[:n_sets], rs)
+    return snap.at[dst].set(row, mode="drop"), frm
 
 
 def find_slot(
@@ -395,7 +495,15 @@ def read_states(mem: RecurrentMemory, layer, slot: RecurrentSlot) -> tuple[Array
 
 
 def write_states(
-    mem: RecurrentMemory, layer, slot: RecurrentSlot, r: Array, s: Array, n_seqs
+    mem: RecurrentMemory,
+    layer,
+    slot: RecurrentSlot,
+    r: Array,
+    s: Array,
+    n_seqs,
+    *,
+    r_tok: Array | None = None,
+    s_tok: Array | None = None,
 ) -> RecurrentMemory:
     """Writes the final ``r`` / ``s`` state of every seq set of a ubatch in one layer.
 
@@ -406,10 +514,15 @@ def write_states(
         r: ``[n_ubatch, *r_shape]`` final convolution states, one per seq set.
         s: ``[n_ubatch, *s_shape]`` final SSM states.
         n_seqs: the ubatch's number of seq sets; entries ``>= n_seqs`` are dropped.
+        r_tok: ``[n_ubatch, *r_shape]``, the state after every token of the ubatch (in ubatch
+            order); required when the memory keeps snapshots (``n_snapshots > 0``), which are
+            taken from it, ignored otherwise.
+        s_tok: ``[n_ubatch, *s_shape]``, the same for ``s``.
 
     Returns:
         The memory with the states stored in the slot's destination cells (cast to the buffer
-        dtypes). Nothing is written when ``slot.ok`` is False.
+        dtypes) and, with snapshots, each destination's snapshot slots filled as
+        ``slot.snap_from`` says. Nothing is written when ``slot.ok`` is False.
     """
     n_layers, rs = mem.r.shape[0], mem.r.shape[1]
     n_ub = slot.dst.shape[0]
@@ -422,10 +535,40 @@ def write_states(
     write = slot.ok & (k < jnp.asarray(n_seqs, _I32)) & (slot.dst >= 0)
     dst = jnp.where(write, slot.dst, rs)
     layer = jnp.asarray(layer, _I32)
+    snaps = {}
+    if mem.snap_r is not None:
+        if r_tok is None or s_tok is None or slot.snap_from is None:
+            raise ValueError(
+                "this memory keeps rollback snapshots (n_snapshots > 0): pass the per-token "
+                "states r_tok / s_tok, and a slot from find_slot on this memory"
+            )
+        for name, x, buf in (("r_tok", r_tok, mem.r), ("s_tok", s_tok, mem.s)):
+            if tuple(x.shape) != (n_ub, *buf.shape[2:]):
+                raise ValueError(f"{name} must have shape {[n_ub, *buf.shape[2:]]}, got {x.shape}")
+        # Before the live states are overwritten: a slot may take the source's live state.
+        snaps = dict(
+            snap_r=_write_snapshots(mem.snap_r, mem.r, r_tok, layer, slot, dst),
+            snap_s=_write_snapshots(mem.snap_s, mem.s, s_tok, layer, slot, dst),
+        )
     return mem._replace(
         r=mem.r.at[layer, dst].set(r.astype(mem.r.dtype), mode="drop"),
         s=mem.s.at[layer, dst].set(s.astype(mem.s.dtype), mode="drop"),
+        **snaps,
     )
+
+
+def _write_snapshots(snap, live, tok, layer, slot: RecurrentSlot, dst) -> Array:
+    """``snap`` with each set's destination slots filled from ``slot.snap_from`` in one layer."""
+    frm = slot.snap_from
+    n_sets, rs, n_ub = frm.shape[0], live.shape[1], tok.shape[0]
+    src = jnp.clip(slot.src[:n_sets], 0, rs - 1)
+    ring = snap[layer][src]  # [sets, H, *shape]
+    prev = live[layer][src][:, None]
+    from_tok = tok[jnp.clip(frm, 0, n_ub - 1)].astype(snap.dtype)
+    f = frm.reshape(frm.shape + (1,) * (snap.ndim - 3))
+    zero = jnp.zeros((), snap.dtype)
+    val = jnp.where(f >= 0, from_tok, jnp.where(f == -1, prev, jnp.where(f == -2, ring, zero)))
+    return snap.at[layer, dst[:n_sets]].set(val, mode="drop")
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,6 +585,11 @@ def seq_rm(
     the state keeps what it absorbed, which context shift relies on), and for ``seq < 0`` an empty
     range or ``[0, +inf)`` (every cell cleared). ``seq >= n_seq_max`` and a range holding the last
     position but starting after 0 return False and leave the memory bit-identical.
+
+    With snapshots (``n_snapshots > 0``) a range holding the last position and starting at
+    ``p0 > 0`` also succeeds when the state after ``p0 - 1`` is among the snapshots (a rewind of
+    at most ``n_snapshots`` tokens): the state becomes exactly that one (§5.9-5.10). A state
+    shared with other sequences is split off into a free cell first; they keep theirs.
 
     Examples:
         >>> cfg = RecurrentConfig(n_seq_max=1, n_layers=0)
@@ -482,14 +630,62 @@ def seq_rm(
     ok = jnp.where(neg, ~refuse_all, (seq < rs) & ~refuse_one)
     freed = jnp.where(neg, freed_all, freed_one)
     new = _drop_empty(
-        RecurrentCells(
-            pos=cells.pos,
+        cells._replace(
             seq=jnp.where(neg, seq_all, seq_one),
             tail=jnp.where(neg, tail_all, tail_one),
             head=_lower_head(cells.head, freed),
         )
     )
-    return mem._replace(cells=_select(ok, new, cells)), ok
+    if not cfg.n_snapshots:
+        return mem._replace(cells=_select(ok, new, cells)), ok
+    roll = ~neg & (seq < rs) & refuse_one
+    mem_roll, ok_roll = _rewind(mem, sc, p0 - 1, roll, cfg)
+    ok = ok | ok_roll
+    new = _select(ok_roll, mem_roll.cells, new)
+    return mem_roll._replace(cells=_select(ok, new, cells)), ok
+
+
+def _rewind(
+    mem: RecurrentMemory, seq: Scalar, q: Scalar, want: ScalarBool, cfg: RecurrentConfig
+) -> tuple[RecurrentMemory, ScalarBool]:
+    """When ``want``: makes ``seq``'s state the snapshot after position ``q`` (if kept).
+
+    Returns the memory (data written only on success) and whether the rewind happened.
+    """
+    cells = mem.cells
+    rs, n_seq = cfg.rs_size, cfg.n_seq_max
+    col = jnp.arange(n_seq) == seq
+    tc = jnp.clip(cells.tail[seq], 0, rs - 1)
+    row = cells.snap[tc]
+    at = (row == q) & (q >= 0)
+    j = jnp.argmax(at)
+    shared = jnp.sum(cells.seq[tc].astype(_I32)) > 1
+    free_cells, n_free = _free_order(cells, cells.head)
+    f = free_cells[0]
+    ok = want & jnp.any(at) & (~shared | (n_free > 0))
+    # The rewound state lives in its own cell: the tail cell, or a free one when shared.
+    to = jnp.where(shared, f, tc)
+    at_to = jnp.arange(rs) == to
+    leave = shared & (jnp.arange(rs) == tc)
+    seq_new = (cells.seq & ~(leave[:, None] & col[None, :])) | (at_to[:, None] & col[None, :])
+    new = cells._replace(
+        pos=jnp.where(at_to, q, cells.pos),
+        seq=seq_new,
+        tail=jnp.where(col, to, cells.tail),
+        snap=jnp.where(at_to[:, None], jnp.where(row >= q, -1, row)[None, :], cells.snap),
+    )
+    w = jnp.where(ok, to, rs)  # data: the live state from the snapshot, the ring with it
+    wf = jnp.where(ok & shared, f, rs)
+    return (
+        RecurrentMemory(
+            cells=_select(ok, new, cells),
+            r=mem.r.at[:, w].set(mem.snap_r[:, tc, j], mode="drop"),
+            s=mem.s.at[:, w].set(mem.snap_s[:, tc, j], mode="drop"),
+            snap_r=mem.snap_r.at[:, wf].set(mem.snap_r[:, tc], mode="drop"),
+            snap_s=mem.snap_s.at[:, wf].set(mem.snap_s[:, tc], mode="drop"),
+        ),
+        ok,
+    )
 
 
 def seq_cp(
@@ -530,8 +726,7 @@ def seq_keep(mem: RecurrentMemory, seq, cfg: RecurrentConfig) -> tuple[Recurrent
     col = jnp.arange(n_seq) == jnp.clip(seq, 0, n_seq - 1)
     holds = cells.seq[:, jnp.clip(seq, 0, n_seq - 1)]
     new = _drop_empty(
-        RecurrentCells(
-            pos=cells.pos,
+        cells._replace(
             seq=holds[:, None] & col[None, :],
             tail=jnp.where(col, cells.tail, -1),
             head=_lower_head(cells.head, ~holds),
@@ -547,7 +742,8 @@ def _move_position(
 
     Only ``seq`` moves (DESIGN difference 10): a shared state is first split off into a free cell
     with a copy of its data in every layer (False and no change without a free cell). A position
-    below 0 clears ``seq``'s state (difference 11).
+    below 0 clears ``seq``'s state (difference 11). The moved state keeps no snapshots: they are
+    keyed by position, so a shift restarts the rollback horizon.
     """
     cells = mem.cells
     rs, n_seq = cfg.rs_size, cfg.n_seq_max
@@ -569,14 +765,16 @@ def _move_position(
     seq_new = (cells.seq & ~(leave[:, None] & col[None, :])) | (at_f[:, None] & col[None, :])
     pos_new = jnp.where((in_place & at_t) | at_f, new_pos, cells.pos)
     tail_new = jnp.where(col & drop, -1, jnp.where(col & split, f, cells.tail))
-    new = _drop_empty(RecurrentCells(pos=pos_new, seq=seq_new, tail=tail_new, head=cells.head))
+    moved = (in_place & at_t) | at_f
+    snap = None if cells.snap is None else jnp.where(moved[:, None], -1, cells.snap)
+    new = _drop_empty(cells._replace(pos=pos_new, seq=seq_new, tail=tail_new, snap=snap))
     new = new._replace(head=_lower_head(cells.head, jnp.any(cells.seq, axis=1) & (new.pos < 0)))
 
     # The split-off cell gets a copy of the shared state (the only eager data copy here).
     to = jnp.where(split & ok, f, rs)
     r = mem.r.at[:, to].set(mem.r[:, tc], mode="drop")
     s = mem.s.at[:, to].set(mem.s[:, tc], mode="drop")
-    return RecurrentMemory(cells=_select(ok, new, cells), r=r, s=s), ok
+    return mem._replace(cells=_select(ok, new, cells), r=r, s=s), ok
 
 
 def _selected(cells: RecurrentCells, seq: Scalar, p0: Scalar, p1: Scalar, cfg: RecurrentConfig):
@@ -633,13 +831,19 @@ def seq_pos_range(
 ) -> tuple[Int[Array, " seqs"], Int[Array, " seqs"]]:
     """Smallest and largest position held by every sequence, -1 where none (§5.7.6).
 
-    A sequence has at most one state, so both are its last absorbed position.
+    A sequence has at most one state, so both are its last absorbed position; with snapshots
+    the smallest is the oldest position whose state is kept (``seq_rm(seq, p0, -1)`` succeeds
+    for every ``p0 > pos_min``).
     """
     _check_memory(mem, cfg)
     cells = mem.cells
-    pos = cells.pos[:, None]
+    pos = cells.pos
+    if cells.snap is not None:
+        oldest = jnp.min(jnp.where(cells.snap >= 0, cells.snap, _POS_INF), axis=1)
+        pos = jnp.where(pos >= 0, jnp.minimum(pos, oldest), pos)
     has = jnp.any(cells.seq, axis=0)
-    lo = jnp.min(jnp.where(cells.seq, pos, _POS_INF), axis=0)
+    lo = jnp.min(jnp.where(cells.seq, pos[:, None], _POS_INF), axis=0)
+    pos = cells.pos[:, None]
     hi = jnp.max(jnp.where(cells.seq, pos, -1), axis=0)
     return jnp.where(has, lo, -1).astype(_I32), jnp.where(has, hi, -1).astype(_I32)
 
@@ -667,13 +871,11 @@ def clear(mem: RecurrentMemory, data: bool | ScalarBool = True) -> RecurrentMemo
         seq=jnp.zeros_like(cells.seq),
         tail=jnp.full_like(cells.tail, -1),
         head=jnp.zeros_like(cells.head),
+        snap=None if cells.snap is None else jnp.full_like(cells.snap, -1),
     )
-    if isinstance(data, bool):
-        if not data:
-            return mem._replace(cells=empty)
-        return RecurrentMemory(cells=empty, r=jnp.zeros_like(mem.r), s=jnp.zeros_like(mem.s))
+    if isinstance(data, bool) and not data:
+        return mem._replace(cells=empty)
     data = jnp.asarray(data, jnp.bool_)
-    zero = jnp.zeros((), mem.r.dtype), jnp.zeros((), mem.s.dtype)
-    return RecurrentMemory(
-        cells=empty, r=jnp.where(data, zero[0], mem.r), s=jnp.where(data, zero[1], mem.s)
-    )
+    buffers = {k: v for k, v in mem._asdict().items() if k != "cells" and v is not None}
+    zeroed = {k: jnp.where(data, jnp.zeros((), v.dtype), v) for k, v in buffers.items()}
+    return mem._replace(cells=empty, **zeroed)

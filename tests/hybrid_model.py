@@ -120,10 +120,11 @@ def step(params, ub: jh.UBatch, mem: jh.HybridMemory, place: jh.Placement, *, cf
         r_new, h_new, y = _recurrent_token(params, r[kk], h[kk], xt)
         r = jnp.where(valid, r.at[kk].set(r_new), r)
         h = jnp.where(valid, h.at[kk].set(h_new), h)
-        return (r, h), y
+        return (r, h), (y, r_new, h_new)
 
-    (r, s), x = jax.lax.scan(tok, (r0, s0), (x, place.seq_set, place.valid))
-    mem = jh.write_states(mem, cfg, 0, place, r, s, ub.n_seqs)
+    (r, s), (x, r_tok, s_tok) = jax.lax.scan(tok, (r0, s0), (x, place.seq_set, place.valid))
+    # The per-token states feed the rollback snapshots when the memory keeps them.
+    mem = jh.write_states(mem, cfg, 0, place, r, s, ub.n_seqs, r_tok=r_tok, s_tok=s_tok)
 
     # Layer 1 (attention with RoPE at the tokens' positions).
     q = rope((x @ params["wq"]).reshape(n_ub, N_HEADS, HD), ub.pos, theta=THETA)
