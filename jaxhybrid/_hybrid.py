@@ -56,6 +56,7 @@ __all__ = [
     "init_full",
     "init_hybrid",
     "init_update",
+    "kq_mask",
     "raise_for_result",
     "read_kv",
     "read_states",
@@ -397,6 +398,10 @@ class Placement(NamedTuple):
         recr: recurrent source/destination cell of every seq set.
         seq_set: seq set of every token (-1 for padding).
         valid: real tokens.
+        n_kv: one past the highest used cell over all streams after placing this ubatch
+            (§2.7): attention over the leading ``n_kv`` cells of each stream (see
+            :func:`read_kv` / :func:`kq_mask` with a static span ``>= n_kv``, picked with
+            :func:`jaxhybrid.kv.switch_span`) equals attention over all cells.
     """
 
     kv: kvc.KVSlot
@@ -404,6 +409,7 @@ class Placement(NamedTuple):
     recr: rec.RecurrentSlot
     seq_set: Int[Array, " ubatch"]
     valid: Bool[Array, " ubatch"]
+    n_kv: Scalar | None = None
 
 
 def apply_ubatch(
@@ -426,7 +432,14 @@ def apply_ubatch(
     kv = kvc.apply_ubatch(mem.kv, ub, slot, cfg.kv)
     recr, rslot = rec.find_slot(mem.recr, ub, cfg.recurrent)
     mask = kvc.kq_mask(kv, ub, slot, cfg.kv)
-    place = Placement(kv=slot, mask=mask, recr=rslot, seq_set=ub.seq_set, valid=ub.valid)
+    place = Placement(
+        kv=slot,
+        mask=mask,
+        recr=rslot,
+        seq_set=ub.seq_set,
+        valid=ub.valid,
+        n_kv=kvc.used_span(kv),
+    )
     return HybridMemory(kv, recr), ub, place
 
 
@@ -450,10 +463,21 @@ def write_kv(
     return mem._replace(kv=kvc.write_kv(mem.kv, il, k, v, place.kv, place.valid))
 
 
-def read_kv(mem: HybridMemory, cfg: HybridConfig, layer: int) -> tuple[Array, Array]:
-    """K and V of attention model layer ``layer`` on a flat cell axis (pair with
-    ``Placement.mask``)."""
-    return kvc.read_kv(mem.kv, _sub(cfg, layer, LayerKind.ATTENTION))
+def read_kv(
+    mem: HybridMemory, cfg: HybridConfig, layer: int, n_kv: int | None = None
+) -> tuple[Array, Array]:
+    """K and V of attention model layer ``layer`` on a flat cell axis: every cell (pair with
+    ``Placement.mask``), or the leading static ``n_kv`` cells of each stream (pair with
+    :func:`kq_mask` of the same ``n_kv``; §2.7)."""
+    return kvc.read_kv(mem.kv, _sub(cfg, layer, LayerKind.ATTENTION), n_kv)
+
+
+def kq_mask(
+    mem: HybridMemory, cfg: HybridConfig, ub: UBatch, place: Placement, n_kv: int | None = None
+) -> Bool[Array, "ubatch kv"]:
+    """The visibility mask of a placed ubatch over the leading static ``n_kv`` cells of each
+    stream (§3.3; None = every cell, which is ``place.mask``)."""
+    return kvc.kq_mask(mem.kv, ub, place.kv, cfg.kv, n_kv)
 
 
 def read_states(
@@ -537,27 +561,32 @@ def decode(
         and the outputs are zero.
     """
     n_batch = batch.capacity
-    mem0 = mem
-    updated_mem, upd_status = update(mem, cfg, rope_fn)
-    updated = upd_status == MemoryStatus.SUCCESS
-    lo, hi = seq_pos_range(updated_mem, cfg)
+    # Validation and planning read positions, sequences and heads only, which the K-shift
+    # update (§2.12) leaves as they are (it re-rotates K and clears pending shifts), so they run
+    # on the input memory and the update is applied inside the success branch below. The memory
+    # then enters one cond whose failure branch returns it untouched, and XLA updates it in
+    # place instead of copying every buffer each step.
+    updated = init_update(mem, cfg) == MemoryStatus.SUCCESS
+    lo, hi = seq_pos_range(mem, cfg)
     batch, check = validate(
         batch, lo, hi, n_seq_max=cfg.n_seq_max, n_vocab=n_vocab, output_all=embd_all
     )
     plan, status = init_batch(
-        updated_mem, batch, cfg, n_ubatch=n_ubatch, embd_all=embd_all, max_ubatches=max_ubatches
+        mem, batch, cfg, n_ubatch=n_ubatch, embd_all=embd_all, max_ubatches=max_ubatches
     )
     valid_batch = check.code == BatchErrorCode.OK
     ok = valid_batch & (status == MemoryStatus.SUCCESS)
 
     ub0 = get_ubatch(batch, plan, 0, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
     place0 = jax.eval_shape(
-        lambda m: apply_ubatch(m, batch, plan, 0, cfg, n_ubatch=n_ubatch)[2], updated_mem
+        lambda m: apply_ubatch(m, batch, plan, 0, cfg, n_ubatch=n_ubatch)[2], mem
     )
     out_shape = jax.eval_shape(lambda p, m, pl: step_fn(p, ub0, m, pl)[0], params, mem, place0)
     zeros = jax.tree.map(lambda s: jnp.zeros((n_batch, *s.shape[1:]), s.dtype), out_shape)
 
     def run(m):
+        m, _ = update(m, cfg, rope_fn)
+
         def cond(carry):
             u, _, _ = carry
             return u < plan.n_ubatches
@@ -575,7 +604,7 @@ def decode(
         _, m, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), m, zeros))
         return m, outs
 
-    new_mem, outputs = jax.lax.cond(ok, run, lambda m: (mem0, zeros), updated_mem)
+    new_mem, outputs = jax.lax.cond(ok, run, lambda m: (m, zeros), mem)
     code = jnp.where(valid_batch, jnp.where(ok, 0, 1), -1).astype(_I32)
     result = DecodeResult(
         code=code,

@@ -12,8 +12,9 @@ off, DESIGN differences 6-13).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ __all__ = [
     "init_kv_cache",
     "is_masked_swa",
     "kq_mask",
+    "n_kv_spans",
     "prepare",
     "read_kv",
     "seq_add",
@@ -46,7 +48,10 @@ __all__ = [
     "seq_pos_min",
     "seq_pos_range",
     "seq_rm",
+    "span_index",
+    "switch_span",
     "update",
+    "used_span",
     "write_kv",
 ]
 
@@ -187,15 +192,31 @@ def is_masked_swa(swa_type: SWAType, n_swa: int, p0, p1):
     return (p1 - p0 < -h) | (p1 - p0 > h)
 
 
-def _pos_range(cells: KVCells, cfg: KVConfig):
-    """Masked min/max position per sequence in the sequence's own stream (§1.3, §12.2)."""
-    s = jnp.arange(cfg.n_seq_max)
-    member = cells.seq[_stream_of_seq(cfg), :, s]  # [seqs, cells]
-    pos = cells.pos[_stream_of_seq(cfg)]  # [seqs, cells]
-    has = jnp.any(member, axis=1)
-    pmin = jnp.min(jnp.where(member, pos, _POS_INF), axis=1)
-    pmax = jnp.max(jnp.where(member, pos, -1), axis=1)
+def _pos_range_span(span: int, cells: KVCells, cfg: KVConfig):
+    # Plain reductions over the leading ``span`` cells (no gather): every sequence lives in
+    # stream 0 when unified, else sequence s lives in stream s (§2.1).
+    if cfg.unified:
+        member = cells.seq[0, :span]  # [cells, seqs]
+        pos = cells.pos[0, :span][:, None]
+    else:
+        member = jnp.diagonal(cells.seq[:, :span], axis1=0, axis2=2)  # [cells, seqs]: seq[s,c,s]
+        pos = cells.pos[:, :span].T
+    has = jnp.any(member, axis=0)
+    pmin = jnp.min(jnp.where(member, pos, _POS_INF), axis=0)
+    pmax = jnp.max(jnp.where(member, pos, -1), axis=0)
     return jnp.where(has, pmin, -1).astype(_I32), pmax.astype(_I32)
+
+
+def _pos_range(cells: KVCells, cfg: KVConfig):
+    """Masked min/max position per sequence in the sequence's own stream (§1.3, §12.2).
+
+    Cells at or past the used span are empty (§2.7), so the reduction runs over the smallest
+    span of :func:`n_kv_spans` holding every used cell: its cost follows the used cells, not the
+    capacity (only small per-sequence results leave the switch).
+    """
+    spans = n_kv_spans(cfg.kv_size)
+    n_kv = _used_span(cells.pos)
+    return switch_span(n_kv, spans, lambda span, c: _pos_range_span(span, c, cfg), cells)
 
 
 def seq_pos_range(cache: KVCache, cfg: KVConfig) -> tuple[Int[Array, " seqs"], Int[Array, " seqs"]]:
@@ -235,7 +256,7 @@ def can_shift(cfg: KVConfig) -> bool:
 
 def _find_slot(cells: KVCells, ubatch: UBatch, cfg: KVConfig) -> KVSlot:
     n_ub = ubatch.valid.shape[0]
-    st_n, size, n_seq = cfg.n_stream, cfg.kv_size, cfg.n_seq_max
+    st_n, n_seq = cfg.n_stream, cfg.n_seq_max
     t = jnp.arange(n_ub, dtype=_I32)
     valid = ubatch.valid
     n_tok = ubatch.n_tokens.astype(_I32)
@@ -277,15 +298,45 @@ def _find_slot(cells: KVCells, ubatch: UBatch, cfg: KVConfig) -> KVSlot:
         usable = usable | ((n_in == 1) & is_masked_swa(cfg.swa_type, cfg.n_swa, cells.pos, nxt))
     used = jnp.sum(~empty, axis=1).astype(_I32)
     head = jnp.where(cells.head > used + 2 * group_size, 0, cells.head)  # §2.4.3 restart
-    # §12.4: the first T usable cells in circular order from head.
-    order = jnp.mod(jnp.arange(size, dtype=_I32)[None, :] - head[:, None], size)
-    key = jnp.where(usable, order, order + size)
-    circ = jnp.argsort(key, axis=1).astype(_I32)
-    count = jnp.sum(usable, axis=1).astype(_I32)
-    idx = jnp.clip(tok_idx, 0, size - 1)
-    cell = jnp.where(valid, circ[tok_stream, idx], 0)
+    # §12.4: the first T usable cells in circular order from head, in O(cells) (no sort): the
+    # r-th usable cell from head is the ((usable cells below head) + r)-th usable cell overall,
+    # modulo their number. It is found in two levels (a running count over the whole cell axis
+    # is slow on CPU): binary search over per-block counts, then a count inside the block.
+    table, count = _nth_usable(usable, head, n_ub)
+    idx = jnp.clip(tok_idx, 0, n_ub - 1)
+    cell = jnp.where(valid, table[tok_stream, idx].astype(_I32), 0)
     fits = jnp.all(~valid | (tok_idx < count[tok_stream]))
     return KVSlot(stream=tok_stream, cell=cell, ok=groups_ok & fits)
+
+
+_BLOCK = 128
+
+
+def _nth_usable(usable: Bool[Array, "streams cells"], head: Int[Array, " streams"], n: int):
+    """Per stream, the cells of the first ``n`` usable cells in circular order from ``head``
+    (``[streams, n]``, wrapping around when fewer are usable) and the number usable."""
+    st_n, size = usable.shape
+    pad = -size % _BLOCK
+    u = jnp.pad(usable, ((0, 0), (0, pad))).astype(_I32)
+    blocks = u.reshape(st_n, -1, _BLOCK)  # [streams, blocks, B]
+    per_block = jnp.sum(blocks, axis=2)
+    upto = jnp.cumsum(per_block, axis=1)  # usable cells in blocks [0, b]
+    count = upto[:, -1]
+    cells = jnp.arange(size, dtype=_I32)
+    below = jnp.sum(usable & (cells[None, :] < head[:, None]), axis=1, dtype=_I32)
+    rank = jnp.arange(n, dtype=_I32)
+    target = jnp.mod(below[:, None] + rank[None, :], jnp.maximum(count, 1)[:, None])
+    blk = jax.vmap(lambda c, q: jnp.searchsorted(c, q, side="left"))(upto, target + 1)
+    blk = jnp.minimum(blk, per_block.shape[1] - 1).astype(_I32)
+    within = target - (
+        jnp.take_along_axis(upto, blk, axis=1) - jnp.take_along_axis(per_block, blk, axis=1)
+    )
+    rows = jnp.take_along_axis(blocks, blk[:, :, None], axis=1)  # [streams, n, B]
+    # Exact prefix counts inside the block (small integers, exact in float32) as one matmul.
+    tri = jnp.triu(jnp.ones((_BLOCK, _BLOCK), jnp.float32))
+    inside = jnp.matmul(rows.astype(jnp.float32), tri, precision="highest")
+    offset = jnp.argmax(inside > within[:, :, None].astype(jnp.float32), axis=2).astype(_I32)
+    return blk * _BLOCK + offset, count
 
 
 def find_slot(cache: KVCache, ubatch: UBatch, cfg: KVConfig) -> KVSlot:
@@ -316,12 +367,15 @@ def _apply_ubatch(cells: KVCells, ubatch: UBatch, slot: KVSlot, cfg: KVConfig) -
         seq=cells.seq.at[si, c_t].set(ubatch.seq, mode="drop"),
         shift=cells.shift.at[si, c_t].set(0, mode="drop"),
     )
-    # §2.6.2 purge: overwriting one SWA cell of q drops every older position of q too.
-    pmin, _ = _pos_range(cells, cfg)
-    lim = jnp.where((max_rm >= 0) & (pmin <= max_rm), max_rm, -1)
-    in_stream = _stream_of_seq(cfg)[None, :] == jnp.arange(st_n)[:, None]  # [streams, seqs]
-    drop = cells.seq & in_stream[:, None, :] & (cells.pos[:, :, None] <= lim[None, None, :])
-    cells, _ = _drop_empty(cells, cells.seq & ~drop)
+    if cfg.swa_type != SWAType.NONE:
+        # §2.6.2 purge: overwriting one SWA cell of q drops every older position of q too.
+        # Without SWA only empty cells are usable (§2.4.5), nothing is overwritten, and the
+        # purge is skipped statically.
+        pmin, _ = _pos_range(cells, cfg)
+        lim = jnp.where((max_rm >= 0) & (pmin <= max_rm), max_rm, -1)
+        in_stream = _stream_of_seq(cfg)[None, :] == jnp.arange(st_n)[:, None]  # [streams, seqs]
+        drop = cells.seq & in_stream[:, None, :] & (cells.pos[:, :, None] <= lim[None, None, :])
+        cells, _ = _drop_empty(cells, cells.seq & ~drop)
     # §2.6.3: head = cell of each group's last token + 1 (one group per stream).
     t = jnp.arange(ubatch.valid.shape[0], dtype=_I32)
     mine = v[None, :] & (s_t[None, :] == jnp.arange(st_n)[:, None])  # [streams, ubatch]
@@ -396,26 +450,98 @@ def write_kv(
     )
 
 
-def read_kv(cache: KVCache, layer) -> tuple[Array, Array]:
-    """K and V of one layer, every stream's cells on one axis: ``[streams * cells, heads, d]``."""
+def used_span(cache: KVCache) -> Scalar:
+    """``n_kv`` before padding (§2.7): one past the highest non-empty cell over every stream.
+
+    Cells at index ``>= used_span`` are empty in every stream, so attention over the leading
+    ``used_span`` cells of each stream sees exactly what attention over all cells sees.
+    Placement fills cells from the head (§2.4.6) and the head is lowered to freed cells (§4.1)
+    or restarted at 0 (§2.4.3), so used cells stay near the front of the cache.
+    """
+    return _used_span(cache.cells.pos)
+
+
+def _used_span(pos: Int[Array, "streams cells"]) -> Scalar:
+    idx = jnp.arange(1, pos.shape[1] + 1, dtype=_I32)
+    return jnp.max(jnp.where(pos >= 0, idx[None, :], 0)).astype(_I32)
+
+
+def n_kv_spans(kv_size: int, min_span: int = 256) -> tuple[int, ...]:
+    """The static attention spans a decode step may pick from (§2.7 with power-of-two buckets).
+
+    llama.cpp pads ``n_kv`` to a multiple of 256 and builds a graph per value; with static
+    shapes we compile one branch per span ``min_span * 2**i`` below ``kv_size``, plus
+    ``kv_size`` itself, so the cost of a step follows the used cells within a factor of two and
+    a run compiles ``O(log(kv_size / min_span))`` branches once.
+
+    Examples:
+        >>> n_kv_spans(4096)
+        (256, 512, 1024, 2048, 4096)
+        >>> n_kv_spans(300), n_kv_spans(100)
+        ((256, 300), (100,))
+    """
+    if not isinstance(kv_size, int) or kv_size < 1:
+        raise ValueError(f"kv_size must be an int >= 1, got {kv_size!r}")
+    if not isinstance(min_span, int) or min_span < 1:
+        raise ValueError(f"min_span must be an int >= 1, got {min_span!r}")
+    spans = []
+    span = min_span
+    while span < kv_size:
+        spans.append(span)
+        span *= 2
+    return (*spans, kv_size)
+
+
+def span_index(n_kv, spans: tuple[int, ...]) -> Scalar:
+    """Index of the smallest span in ``spans`` (ascending) that covers ``n_kv`` cells."""
+    below = jnp.asarray(spans[:-1], _I32) < jnp.asarray(n_kv, _I32)
+    return jnp.sum(below, dtype=_I32)
+
+
+def switch_span(n_kv, spans: tuple[int, ...], fn: Callable[..., Any], *operands):
+    """``fn(span, *operands)`` for the smallest static ``span`` of ``spans`` covering ``n_kv``.
+
+    One ``lax.switch`` branch per span, traced once each; only the chosen branch runs. Every
+    branch must return the same structure, shapes and dtypes (the model's outputs and memory).
+    """
+    if len(spans) == 1:
+        return fn(spans[0], *operands)
+    branches = [functools.partial(fn, span) for span in spans]
+    return jax.lax.switch(span_index(n_kv, spans), branches, *operands)
+
+
+def _span(cfg_size: int, n_kv: int | None) -> int:
+    if n_kv is None:
+        return cfg_size
+    if not isinstance(n_kv, int) or not 1 <= n_kv <= cfg_size:
+        raise ValueError(f"n_kv must be a static int in [1, {cfg_size}] or None, got {n_kv!r}")
+    return n_kv
+
+
+def read_kv(cache: KVCache, layer, n_kv: int | None = None) -> tuple[Array, Array]:
+    """K and V of one layer, the leading ``n_kv`` cells of every stream on one axis:
+    ``[streams * n_kv, heads, d]`` (``n_kv`` static; None = every cell, §2.8)."""
     _, st_n, size, heads, _ = cache.k.shape
-    k = cache.k[layer]
-    v = cache.v[layer]
-    return k.reshape(st_n * size, heads, -1), v.reshape(st_n * size, heads, -1)
+    span = _span(size, n_kv)
+    k = cache.k[layer, :, :span]
+    v = cache.v[layer, :, :span]
+    return k.reshape(st_n * span, heads, -1), v.reshape(st_n * span, heads, -1)
 
 
 def kq_mask(
-    cache: KVCache, ubatch: UBatch, slot: KVSlot, cfg: KVConfig
+    cache: KVCache, ubatch: UBatch, slot: KVSlot, cfg: KVConfig, n_kv: int | None = None
 ) -> Bool[Array, "ubatch kv"]:
-    """Which cells (flat over streams) each token of the placed ubatch attends to (§3.3).
+    """Which cells each token of the placed ubatch attends to (§3.3), flat over streams like
+    :func:`read_kv` with the same static ``n_kv`` (None = every cell).
 
     Call after :func:`apply_ubatch`: a token sees itself and earlier tokens of its ubatch.
     """
     _check_cache(cache, cfg)
-    st_n, size = cfg.n_stream, cfg.kv_size
-    pos = cache.cells.pos.reshape(st_n * size)
-    seq = cache.cells.seq.reshape(st_n * size, cfg.n_seq_max)
-    cell_stream = jnp.repeat(jnp.arange(st_n, dtype=_I32), size)
+    st_n = cfg.n_stream
+    span = _span(cfg.kv_size, n_kv)
+    pos = cache.cells.pos[:, :span].reshape(st_n * span)
+    seq = cache.cells.seq[:, :span].reshape(st_n * span, cfg.n_seq_max)
+    cell_stream = jnp.repeat(jnp.arange(st_n, dtype=_I32), span)
     primary = jnp.clip(ubatch.seq_id[:, 0], 0, cfg.n_seq_max - 1)
     p0 = pos[None, :]
     p1 = ubatch.pos.astype(_I32)[:, None]
@@ -423,7 +549,7 @@ def kq_mask(
         (ubatch.valid & slot.ok)[:, None]
         & (cell_stream[None, :] == slot.stream[:, None])  # §3.6
         & (p0 >= 0)  # §3.3.1
-        & seq.T[primary]  # §3.3.2: the token's first seq id only
+        & jnp.take(seq, primary, axis=1).T  # §3.3.2: the token's first seq id only
         & ~is_masked_swa(cfg.swa_type, cfg.n_swa, p0, p1)  # §3.3.5
     )
     if cfg.causal:

@@ -17,6 +17,7 @@ from jaxhybrid._kv_cache import (
     init_kv_cache,
     is_masked_swa,
     kq_mask,
+    n_kv_spans,
     prepare,
     read_kv,
     seq_add,
@@ -27,7 +28,10 @@ from jaxhybrid._kv_cache import (
     seq_pos_min,
     seq_pos_range,
     seq_rm,
+    span_index,
+    switch_span,
     update,
+    used_span,
     write_kv,
 )
 from jaxhybrid._rope import rope, rope_shift_fn
@@ -45,6 +49,7 @@ __all__ = [
     "init_kv_cache",
     "is_masked_swa",
     "kq_mask",
+    "n_kv_spans",
     "prepare",
     "read_kv",
     "rope",
@@ -57,6 +62,9 @@ __all__ = [
     "seq_pos_min",
     "seq_pos_range",
     "seq_rm",
+    "span_index",
+    "switch_span",
     "update",
+    "used_span",
     "write_kv",
 ]

@@ -6,6 +6,12 @@ the :class:`~jaxhybrid.HybridConfig` is static metadata, so it crosses ``jit`` a
 ``lax.while_loop`` boundaries like any pytree. :func:`jamba_step_fn` wraps
 :func:`~jaxhybrid.models.forward` into the ``step_fn`` that :func:`jaxhybrid.decode` runs.
 
+Attention cost follows the used cells (§2.7): by default the step runs the model in a
+``lax.switch`` over power-of-two attention spans (:func:`jaxhybrid.kv.n_kv_spans`), choosing at run
+time the smallest span covering every used cell (``Placement.n_kv``); each branch reads only the
+leading ``span`` cells of K/V and builds its mask over them. One compilation holds every branch, so
+the span changing between steps never retraces.
+
 Layer numbering: the model's ``attn_layer`` / ``mamba_layer`` count its attention / Mamba layers;
 :func:`jamba_hybrid_config` routes exactly those layers to the attention / recurrent part in the
 same order, so both numberings agree with the parts' own layer indices.
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxhybrid import _hybrid as hy
+from jaxhybrid import _kv_cache as kvc
 from jaxhybrid._config import KVConfig, RecurrentConfig
 from jaxhybrid._typing import Array, Int, Scalar
 from jaxhybrid.models.jamba import JambaConfig, forward
@@ -60,9 +67,92 @@ class HybridModelMemory:
         layer = self.cfg.recr_layers[mamba_layer]
         return hy.read_states(self.mem, self.cfg, layer, self.place)
 
-    def set_ssm_states(self, mamba_layer: int, conv, ssm) -> HybridModelMemory:
+    def set_ssm_states(
+        self, mamba_layer: int, conv, ssm, *, conv_tok=None, ssm_tok=None
+    ) -> HybridModelMemory:
         layer = self.cfg.recr_layers[mamba_layer]
-        mem = hy.write_states(self.mem, self.cfg, layer, self.place, conv, ssm, self.n_seqs)
+        mem = hy.write_states(
+            self.mem,
+            self.cfg,
+            layer,
+            self.place,
+            conv,
+            ssm,
+            self.n_seqs,
+            r_tok=conv_tok,
+            s_tok=ssm_tok,
+        )
+        return dataclasses.replace(self, mem=mem)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _SpanModelMemory:
+    """The hybrid memory bound to one placed ubatch, attending over ``n_kv`` leading cells.
+
+    Runs inside one branch of the span switch. K/V are never written here: the ubatch's rows are
+    inserted into a copy of the span and collected in ``k_rows`` / ``v_rows``, and the caller
+    writes them into the cache after the switch. The K/V buffers are thus only read inside the
+    branch, so XLA keeps updating them in place instead of copying the whole cache out of the
+    conditional every step.
+
+    Attributes:
+        mem: the hybrid memory holding the ubatch's placement; its K/V are read only.
+        place: the placement, ``mask`` over the span (:func:`jaxhybrid.kq_mask`).
+        n_seqs: the ubatch's number of seq sets.
+        k_rows, v_rows: the ubatch's K/V rows per attention layer (None until the layer ran).
+        cfg: the hybrid config (static).
+        n_kv: the span (static).
+    """
+
+    mem: hy.HybridMemory
+    place: hy.Placement
+    n_seqs: Scalar
+    k_rows: tuple
+    v_rows: tuple
+    cfg: hy.HybridConfig = dataclasses.field(metadata=dict(static=True))
+    n_kv: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def seq_set(self) -> Int[Array, " ubatch"]:
+        return self.place.seq_set
+
+    def kv(self, attn_layer: int, k, v):
+        layer = self.cfg.attn_layers[attn_layer]
+        k_all, v_all = hy.read_kv(self.mem, self.cfg, layer, self.n_kv)
+        k, v = k.astype(k_all.dtype), v.astype(v_all.dtype)
+        # Every placed cell lies below n_kv <= span (§2.7), so the rows land inside the span.
+        slot = self.place.kv
+        flat = slot.stream * self.n_kv + slot.cell
+        row = jnp.where(self.place.valid & slot.ok, flat, k_all.shape[0])
+        k_all = k_all.at[row].set(k, mode="drop")
+        v_all = v_all.at[row].set(v, mode="drop")
+
+        def put(rows, x):
+            return (*rows[:attn_layer], x, *rows[attn_layer + 1 :])
+
+        bound = dataclasses.replace(self, k_rows=put(self.k_rows, k), v_rows=put(self.v_rows, v))
+        return k_all, v_all, self.place.mask, bound
+
+    def ssm_states(self, mamba_layer: int):
+        layer = self.cfg.recr_layers[mamba_layer]
+        return hy.read_states(self.mem, self.cfg, layer, self.place)
+
+    def set_ssm_states(
+        self, mamba_layer: int, conv, ssm, *, conv_tok=None, ssm_tok=None
+    ) -> _SpanModelMemory:
+        layer = self.cfg.recr_layers[mamba_layer]
+        mem = hy.write_states(
+            self.mem,
+            self.cfg,
+            layer,
+            self.place,
+            conv,
+            ssm,
+            self.n_seqs,
+            r_tok=conv_tok,
+            s_tok=ssm_tok,
+        )
         return dataclasses.replace(self, mem=mem)
 
 
@@ -73,6 +163,7 @@ def jamba_hybrid_config(
     n_seq_max: int,
     unified: bool = True,
     dtype=None,
+    n_snapshots: int = 0,
 ) -> hy.HybridConfig:
     """The hybrid memory layout of a Jamba model.
 
@@ -86,6 +177,8 @@ def jamba_hybrid_config(
         n_seq_max: number of sequence ids.
         unified: one KV stream shared by all sequences, else one per sequence.
         dtype: K/V and conv-state dtype (default: the model's dtype).
+        n_snapshots: rollback horizon of the Mamba states (see
+            :class:`~jaxhybrid.RecurrentConfig`; 0 = off).
     """
     dtype = config.jnp_dtype if dtype is None else dtype
     kv = KVConfig(
@@ -103,11 +196,14 @@ def jamba_hybrid_config(
         s_shape=(config.d_inner, config.mamba_d_state),
         dtype_r=dtype,
         dtype_s=jnp.float32,
+        n_snapshots=n_snapshots,
     )
     return hy.HybridConfig.from_layers([t == "mamba" for t in config.layer_types], kv, recr)
 
 
-def jamba_step_fn(graphdef: Any, cfg: hy.HybridConfig) -> Callable:
+def jamba_step_fn(
+    graphdef: Any, cfg: hy.HybridConfig, *, used_span: bool = True, min_span: int = 256
+) -> Callable:
     """The ``step_fn(params, ubatch, mem, placement) -> (logits, mem)`` of :func:`jaxhybrid.decode`
     for Jamba.
 
@@ -116,12 +212,41 @@ def jamba_step_fn(graphdef: Any, cfg: hy.HybridConfig) -> Callable:
             ``None``, then ``params`` is the :class:`~jaxhybrid.models.Jamba` module itself (a
             pytree in Flax >= 0.12).
         cfg: the hybrid config the memory was built with.
+        used_span: attend over the smallest span of :func:`jaxhybrid.kv.n_kv_spans` that covers
+            the used cells (§2.7), chosen at run time; False attends over every cell. Both give
+            the same logits.
+        min_span: the smallest span (llama.cpp pads ``n_kv`` to 256).
     """
+    spans = kvc.n_kv_spans(cfg.kv.kv_size, min_span) if used_span else ()
+    n_attn = len(cfg.attn_layers)
 
     def step_fn(params, ub, mem: hy.HybridMemory, place: hy.Placement):
         model = params if graphdef is None else nnx.merge(graphdef, params)
-        bound = HybridModelMemory(mem=mem, place=place, n_seqs=ub.n_seqs, cfg=cfg)
-        logits, bound = forward(model, ub.token, ub.pos, ub.valid, bound)
-        return logits, bound.mem
+        if not used_span:
+            bound = HybridModelMemory(mem=mem, place=place, n_seqs=ub.n_seqs, cfg=cfg)
+            logits, bound = forward(model, ub.token, ub.pos, ub.valid, bound)
+            return logits, bound.mem
+
+        def run(span: int, recr):
+            # Only the recurrent part and the new K/V rows leave the branch (see
+            # _SpanModelMemory); the K/V buffers are read from the enclosing scope.
+            bound = _SpanModelMemory(
+                mem=mem._replace(recr=recr),
+                place=place._replace(mask=hy.kq_mask(mem, cfg, ub, place, span)),
+                n_seqs=ub.n_seqs,
+                k_rows=(None,) * n_attn,
+                v_rows=(None,) * n_attn,
+                cfg=cfg,
+                n_kv=span,
+            )
+            logits, bound = forward(model, ub.token, ub.pos, ub.valid, bound)
+            return logits, bound.mem.recr, bound.k_rows, bound.v_rows
+
+        logits, recr, k_rows, v_rows = kvc.switch_span(place.n_kv, spans, run, mem.recr)
+        mem = mem._replace(recr=recr)
+        for i, layer in enumerate(cfg.attn_layers):
+            if k_rows[i] is not None:
+                mem = hy.write_kv(mem, cfg, layer, k_rows[i], v_rows[i], place)
+        return logits, mem
 
     return step_fn

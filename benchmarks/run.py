@@ -1,0 +1,850 @@
+"""jaxhybrid benchmarks (issue 9): ``python -m benchmarks [--quick] [--json FILE]``.
+
+Every figure that is compared is measured in the same process, peers interleaved round by round,
+and each time is the minimum over the rounds (CPU timings on a shared machine are noisy; the
+spread over rounds is reported next to each time). Peers:
+
+- ``jaxhybrid``: :func:`jaxhybrid.decode` with :func:`~jaxhybrid.models.jamba_step_fn` in one
+  jitted greedy loop (prompt in one batch, then one token per sequence per step, argmax on device).
+- ``jaxhybrid generate()``: the library's :func:`~jaxhybrid.models.generate` (adds its sampler).
+- ``bare JAX``: the same model and loop with a fixed per-sequence cache (``benchmarks/_bare.py``).
+- ``transformers``: ``JambaForCausalLM.generate`` (greedy, same weights, ``torch`` threads set).
+- ``llama.cpp``: llama-cpp-python built from source (``benchmarks/_llama_cpp.py``).
+
+Decode time per step is ``(T(n_new) - T(1)) / (n_new - 1)``: both runs include the same prompt,
+so the difference holds only decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxhybrid as jh
+from benchmarks import _llama_cpp as lcpp
+from benchmarks._bare import bare_generate, init_bare
+from jaxhybrid.models import (
+    Engine,
+    JambaConfig,
+    decode_tokens,
+    generate,
+    jamba_hybrid_config,
+    jamba_step_fn,
+    load_jamba,
+    prefill,
+)
+
+_TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+def _model_config() -> dict:
+    """The tiny Jamba of the parity tests (``tests/jamba_utils.py``: MoE + GQA)."""
+    sys.path.insert(0, str(_TESTS))
+    import jamba_utils
+
+    return dict(jamba_utils.MOE_GQA)
+
+
+def _make_checkpoint(path: Path, seed: int) -> None:
+    sys.path.insert(0, str(_TESTS))
+    import jamba_utils
+
+    jamba_utils.make_checkpoint(path, jamba_utils.MOE_GQA, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing helpers
+
+
+def _block(x):
+    return jax.block_until_ready(x)
+
+
+class Rounds:
+    """Collects the times of several peers measured round by round."""
+
+    def __init__(self):
+        self.times: dict[str, list[float]] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.times.setdefault(name, []).append(seconds)
+
+    def best(self, name: str) -> float:
+        return min(self.times[name])
+
+    def spread(self, name: str) -> float:
+        t = self.times[name]
+        return (max(t) - min(t)) / min(t) if len(t) > 1 else 0.0
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    _block(fn())
+    return time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------------------------
+# The jaxhybrid greedy loop
+
+
+def jh_generate(model, mem, prompts, *, cfg, n_new: int, n_ubatch: int, used_span: bool = True):
+    """Greedy generation through :func:`jaxhybrid.decode`: every prompt in one ubatch, then one
+    token per sequence per step (ubatches of ``n_ubatch``) in a ``fori_loop``. ``n_new`` is a
+    run-time value (up to ``MAX_NEW``), so timing 1 and ``n`` tokens shares one compilation."""
+    return _jh_generate(
+        model, mem, prompts, jnp.int32(n_new), cfg=cfg, n_ubatch=n_ubatch, used_span=used_span
+    )
+
+
+MAX_NEW = 128
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_ubatch", "used_span"), donate_argnames="mem")
+def _jh_generate(model, mem, prompts, n_new, *, cfg, n_ubatch: int, used_span: bool):
+    n_seq, p = prompts.shape
+    step = jamba_step_fn(None, cfg, used_span=used_span)
+    seq = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), p)
+    batch = jh.Batch(
+        token=prompts.reshape(-1),
+        embd=None,
+        pos=jnp.tile(jnp.arange(p, dtype=jnp.int32), n_seq),
+        seq_id=seq[:, None],
+        n_seq_id=jnp.ones((n_seq * p,), jnp.int32),
+        output=jnp.tile(jnp.arange(p) == p - 1, n_seq),
+        auto_pos=jnp.asarray(False),
+        n_tokens=jnp.asarray(n_seq * p, jnp.int32),
+    )
+    # The prompts in one ubatch, as the bare loop does; decode steps use ``n_ubatch``.
+    logits, mem, res = jh.decode(step, model, mem, batch, cfg, n_ubatch=n_seq * p)
+    tok = jnp.argmax(logits.reshape(n_seq, p, -1)[:, -1], axis=-1).astype(jnp.int32)
+    out = jnp.zeros((n_seq, MAX_NEW), jnp.int32).at[:, 0].set(tok)
+    seqs = jnp.arange(n_seq, dtype=jnp.int32)
+
+    def body(i, carry):
+        tok, mem, out, code = carry
+        b = jh.Batch(
+            token=tok,
+            embd=None,
+            pos=jnp.zeros((n_seq,), jnp.int32),
+            seq_id=seqs[:, None],
+            n_seq_id=jnp.ones((n_seq,), jnp.int32),
+            output=jnp.ones((n_seq,), jnp.bool_),
+            auto_pos=jnp.asarray(True),
+            n_tokens=jnp.asarray(n_seq, jnp.int32),
+        )
+        logits, mem, res = jh.decode(step, model, mem, b, cfg, n_ubatch=n_seq)
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tok, mem, out.at[:, i].set(tok), jnp.where(code == 0, res.code, code)
+
+    _, mem, out, code = jax.lax.fori_loop(1, n_new, body, (tok, mem, out, res.code))
+    return out, mem, code
+
+
+# --------------------------------------------------------------------------------------------
+# Context
+
+
+@dataclasses.dataclass
+class Ctx:
+    args: argparse.Namespace
+    config: JambaConfig
+    model: object
+    ckpt: Path
+    gguf: Path | None
+    llama_skip: str | None
+    results: dict
+
+
+def _prompts(n_seq: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, (n_seq, length)).astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# 1 + 2: decode throughput against the peers, and the overhead over the bare loop
+
+
+def bench_decode(ctx: Ctx) -> list[dict]:
+    a = ctx.args
+    rows = []
+    for n_seq in (1, 8):
+        prompts = _prompts(n_seq, a.prompt, ctx.config.vocab_size, seed=n_seq)
+        n_new = a.new_tokens
+        cfg = jamba_hybrid_config(ctx.config, kv_size=a.context * n_seq, n_seq_max=n_seq)
+        peers = {}
+
+        def jh_loop(n, cfg=cfg, prompts=prompts, n_seq=n_seq):
+            mem = jh.init_hybrid(cfg)
+            _block(mem)
+            t = time.perf_counter()
+            out, _, code = _block(
+                jh_generate(ctx.model, mem, jnp.asarray(prompts), cfg=cfg, n_new=n, n_ubatch=n_seq)
+            )
+            dt = time.perf_counter() - t
+            assert int(code) == 0
+            return dt, np.asarray(out)[:, :n]
+
+        def jh_api(n, cfg=cfg, prompts=prompts, n_seq=n_seq):
+            mem = jh.init_hybrid(cfg)
+            _block(mem)
+            t = time.perf_counter()
+            out = _block(
+                generate(
+                    ctx.model,
+                    mem,
+                    prompts.tolist(),
+                    cfg=cfg,
+                    n_ubatch=n_seq,
+                    max_new_tokens=n,
+                    max_new=a.new_tokens,
+                )
+            )
+            dt = time.perf_counter() - t
+            assert int(out.code) == 0
+            return dt, np.asarray(out.tokens)
+
+        def bare(n, prompts=prompts, n_seq=n_seq):
+            state = _block(init_bare(ctx.config, n_seq=n_seq, n_ctx=a.context))
+            t = time.perf_counter()
+            out, _ = _block(bare_generate(ctx.model, state, jnp.asarray(prompts), jnp.int32(n)))
+            return time.perf_counter() - t, np.asarray(out)[:, :n]
+
+        peers["jaxhybrid"] = jh_loop
+        if a.api_peer:
+            peers["jaxhybrid generate()"] = jh_api
+        peers["bare JAX"] = bare
+        if not a.no_transformers:
+            peers["transformers"] = _hf_peer(ctx, prompts)
+        llama = None
+        if ctx.llama_skip is None:
+            llama = lcpp.LlamaCppPeer(
+                ctx.gguf, n_seq=n_seq, n_ctx_seq=a.context, threads=a.threads, n_ubatch=512
+            )
+
+            def llama_run(n, prompts=prompts, llama=llama):
+                t = time.perf_counter()
+                out, _ = llama.generate(prompts.tolist(), n)
+                return time.perf_counter() - t, np.asarray(out)
+
+            peers["llama.cpp"] = llama_run
+
+        # Warm-up (compiles), then rounds of (n_new, 1) per peer, interleaved.
+        tokens = {}
+        for name, fn in peers.items():
+            fn(1)
+            _, tokens[name] = fn(n_new)
+        rounds = Rounds()
+        for _ in range(a.rounds):
+            for name, fn in peers.items():
+                if name == "transformers" and rounds.times.get(name + "/n", []):
+                    continue  # one round: it is two orders of magnitude slower
+                rounds.add(name + "/n", fn(n_new)[0])
+                rounds.add(name + "/1", fn(1)[0])
+        if llama is not None:
+            llama.close()
+        ref = tokens["bare JAX"]
+        step = {}
+        for name in peers:
+            step[name] = (rounds.best(name + "/n") - rounds.best(name + "/1")) / (n_new - 1)
+            if step[name] <= 0:  # the decode steps drowned in the noise of the prompt's run
+                step[name] = float("nan")
+        for name in peers:
+            rows.append(
+                dict(
+                    n_seq=n_seq,
+                    peer=name,
+                    ms_per_step=step[name] * 1e3,
+                    tok_per_s=n_seq / step[name],
+                    spread=rounds.spread(name + "/n"),
+                    rounds=len(rounds.times[name + "/n"]),
+                    jaxhybrid_speedup=step[name] / step["jaxhybrid"],
+                    same_tokens_as_bare=bool(np.array_equal(tokens[name], ref)),
+                )
+            )
+    return rows
+
+
+def _hf_peer(ctx: Ctx, prompts: np.ndarray):
+    import torch
+    from transformers import JambaForCausalLM
+
+    torch.set_num_threads(ctx.args.threads)
+    hf = JambaForCausalLM.from_pretrained(ctx.ckpt).eval()
+    ids = torch.tensor(prompts, dtype=torch.long)
+
+    def run(n):
+        with torch.no_grad():
+            t = time.perf_counter()
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            dt = time.perf_counter() - t
+        return dt, out[:, ids.shape[1] :].numpy()
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# 3: cost follows used cells
+
+
+def bench_kv_scaling(ctx: Ctx) -> list[dict]:
+    a = ctx.args
+    prompt = _prompts(1, 192, ctx.config.vocab_size, seed=7)
+    n_new = 64  # 192 + 64 = 256 cells in use at the end: the smallest span throughout
+    variants = [(256, True), (16384, True)] + ([(16384, False)] if not a.quick else [])
+    fns = {}
+    for kv_size, used_span in variants:
+        cfg = jamba_hybrid_config(ctx.config, kv_size=kv_size, n_seq_max=1)
+
+        def run(n, cfg=cfg, used_span=used_span):
+            mem = _block(jh.init_hybrid(cfg))
+            t = time.perf_counter()
+            _, _, code = _block(
+                jh_generate(
+                    ctx.model,
+                    mem,
+                    jnp.asarray(prompt),
+                    cfg=cfg,
+                    n_new=n,
+                    n_ubatch=1,
+                    used_span=used_span,
+                )
+            )
+            assert int(code) == 0
+            return time.perf_counter() - t
+
+        fns[(kv_size, used_span)] = run
+    for fn in fns.values():
+        fn(1), fn(n_new)
+    rounds = Rounds()
+    for _ in range(a.rounds):
+        for key, fn in fns.items():
+            rounds.add(f"{key}/n", fn(n_new))
+            rounds.add(f"{key}/1", fn(1))
+    step = {k: (rounds.best(f"{k}/n") - rounds.best(f"{k}/1")) / (n_new - 1) for k in fns}
+    base = step[(256, True)]
+    return [
+        dict(
+            kv_size=k[0],
+            attention="used span" if k[1] else "all cells",
+            used_cells="193-256",
+            ms_per_step=step[k] * 1e3,
+            ratio_to_kv256=step[k] / base,
+            spread=rounds.spread(f"{k}/n"),
+        )
+        for k in fns
+    ]
+
+
+def bench_scaling_table(ctx: Ctx) -> list[dict]:
+    a = ctx.args
+    n_new = 17
+    rows = []
+    fns = {}
+    for n_seq in a.batches:
+        for kv_size in a.kv_sizes:
+            p = 8
+            prompts = _prompts(n_seq, p, ctx.config.vocab_size, seed=n_seq)
+            cfg = jamba_hybrid_config(ctx.config, kv_size=kv_size, n_seq_max=n_seq)
+
+            def run(n, cfg=cfg, prompts=prompts, n_seq=n_seq):
+                mem = _block(jh.init_hybrid(cfg))
+                t = time.perf_counter()
+                _, _, code = _block(
+                    jh_generate(
+                        ctx.model, mem, jnp.asarray(prompts), cfg=cfg, n_new=n, n_ubatch=n_seq
+                    )
+                )
+                assert int(code) == 0
+                return time.perf_counter() - t
+
+            fns[(n_seq, kv_size)] = run
+    for fn in fns.values():
+        fn(1), fn(n_new)
+    rounds = Rounds()
+    for _ in range(a.rounds):
+        for key, fn in fns.items():
+            rounds.add(f"{key}/n", fn(n_new))
+            rounds.add(f"{key}/1", fn(1))
+    for n_seq, kv_size in fns:
+        k = (n_seq, kv_size)
+        s = (rounds.best(f"{k}/n") - rounds.best(f"{k}/1")) / (n_new - 1)
+        rows.append(
+            dict(
+                n_seq=n_seq,
+                kv_size=kv_size,
+                ms_per_step=s * 1e3,
+                tok_per_s=n_seq / s,
+                spread=rounds.spread(f"{k}/n"),
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# 6: prefill
+
+
+def bench_prefill(ctx: Ctx) -> list[dict]:
+    a = ctx.args
+    n_tok = 512
+    prompt = _prompts(1, n_tok, ctx.config.vocab_size, seed=11)
+    cfg = jamba_hybrid_config(ctx.config, kv_size=1024, n_seq_max=1)
+    fns = {}
+    for n_ubatch in a.ubatches:
+
+        def run(n_ubatch=n_ubatch):
+            mem = _block(jh.init_hybrid(cfg))
+            t = time.perf_counter()
+            _, _, code = _block(
+                prefill(
+                    ctx.model,
+                    mem,
+                    jnp.asarray(prompt),
+                    jnp.asarray([n_tok], jnp.int32),
+                    jnp.asarray([0], jnp.int32),
+                    cfg=cfg,
+                    n_ubatch=n_ubatch,
+                )
+            )
+            assert int(code) == 0
+            return time.perf_counter() - t
+
+        fns[("jaxhybrid", n_ubatch)] = run
+        if ctx.llama_skip is None:
+            peer = lcpp.LlamaCppPeer(
+                ctx.gguf, n_seq=1, n_ctx_seq=1024, threads=a.threads, n_ubatch=n_ubatch
+            )
+
+            def lrun(peer=peer):
+                peer.clear()
+                t = time.perf_counter()
+                peer.prefill(prompt.tolist())
+                return time.perf_counter() - t
+
+            fns[("llama.cpp", n_ubatch)] = lrun
+    for fn in fns.values():
+        fn()
+    rounds = Rounds()
+    for _ in range(a.rounds):
+        for key, fn in fns.items():
+            rounds.add(str(key), fn())
+    return [
+        dict(
+            peer=k[0],
+            n_ubatch=k[1],
+            ms=rounds.best(str(k)) * 1e3,
+            tok_per_s=n_tok / rounds.best(str(k)),
+            spread=rounds.spread(str(k)),
+        )
+        for k in fns
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# 4: retraces over a continuous-batching run
+
+
+class _CompileLog(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith("Finished XLA compilation of "):
+            self.names.append(msg.split(" in ")[0].removeprefix("Finished XLA compilation of "))
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="mem")
+def _context_shift(mem, seq, n_keep, n_discard, *, cfg):
+    """llama.cpp's context shift: drop ``[n_keep, n_keep + n_discard)`` and move the rest
+    back by ``n_discard`` (Jamba has no RoPE, so nothing to re-rotate)."""
+    mem, ok1 = jh.seq_rm(mem, seq, n_keep, n_keep + n_discard, cfg)
+    mem, ok2 = jh.seq_add(mem, seq, n_keep + n_discard, -1, -n_discard, cfg)
+    return mem, ok1 & ok2
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _pos_max(mem, *, cfg):
+    return jh.seq_pos_range(mem, cfg)[1]
+
+
+def bench_retrace(ctx: Ctx) -> dict:
+    a = ctx.args
+    n_seq, n_steps, limit = 8, a.engine_steps, 96
+    cfg = jamba_hybrid_config(ctx.config, kv_size=2048, n_seq_max=n_seq)
+    eng = Engine(ctx.model, cfg, n_ubatch=n_seq, n_prompt=32, n_stop=2)
+    rng = np.random.default_rng(0)
+    log = _CompileLog()
+    logger = logging.getLogger("jax._src.dispatch")
+    jax.config.update("jax_log_compiles", True)
+    logger.addHandler(log)
+    propagate, logger.propagate = logger.propagate, False
+    counts = dict(joins=0, leaves=0, forks=0, cancels=0, shifts=0, refused_shifts=0, tokens=0)
+    marks = {}
+    try:
+        for step in range(n_steps):
+            running = eng.running()
+            free = n_seq - len(running)
+            if free and (not running or rng.random() < 0.15):
+                length = int(rng.integers(1, 60))
+                eng.submit(
+                    rng.integers(3, ctx.config.vocab_size, length).tolist(),
+                    int(rng.integers(8, 200)),
+                    stop_tokens=[5],
+                    temperature=float(rng.choice([0.0, 0.8])),
+                )
+                counts["joins"] += 1
+            elif free and running and rng.random() < 0.1:
+                eng.fork(running[int(rng.integers(len(running)))].id)
+                counts["forks"] += 1
+            elif running and rng.random() < 0.02:
+                eng.cancel(running[int(rng.integers(len(running)))].id)
+                counts["cancels"] += 1
+            pos_max = np.asarray(_pos_max(eng.mem, cfg=cfg))
+            for r in eng.running():
+                n_pos = int(pos_max[r.seq]) + 1
+                if n_pos >= limit:
+                    n_keep, n_discard = 4, (n_pos - 4) // 2
+                    eng.mem, ok = _context_shift(
+                        eng.mem, jnp.int32(r.seq), n_keep, n_discard, cfg=cfg
+                    )
+                    if bool(ok):
+                        counts["shifts"] += 1
+                    else:  # no free cell to split shared cells off (DESIGN 10): give up
+                        eng.cancel(r.id)
+                        counts["refused_shifts"] += 1
+            before = {r.id for r in eng.running()}
+            out = eng.step()
+            counts["tokens"] += len(out)
+            counts["leaves"] += len(before - {r.id for r in eng.running()})
+            if step + 1 in (10, 100, n_steps):
+                marks[step + 1] = len(log.names)
+    finally:
+        logger.removeHandler(log)
+        logger.propagate = propagate
+        jax.config.update("jax_log_compiles", False)
+    per_fn: dict[str, int] = {}
+    for n in log.names:
+        per_fn[n] = per_fn.get(n, 0) + 1
+    heavy = {
+        k: v
+        for k, v in per_fn.items()
+        if any(s in k for s in ("_engine_step", "prefill", "_fork", "_free", "_context_shift"))
+    }
+    return dict(
+        steps=n_steps,
+        events=counts,
+        compilations_total=len(log.names),
+        compilations_after_step=marks,
+        engine_functions=heavy,
+        max_compilations_per_function=max(heavy.values()) if heavy else 0,
+        all_functions=per_fn,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 5: memory
+
+
+def _tree_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _buffer_report(config: JambaConfig, kv_size: int, n_seq: int, label: str) -> dict:
+    cfg = jamba_hybrid_config(config, kv_size=kv_size, n_seq_max=n_seq)
+    mem = jax.eval_shape(lambda: jh.init_hybrid(cfg))
+    kv, rc = cfg.kv, cfg.recurrent
+    item = jnp.dtype(kv.dtype_k).itemsize
+    theory_kv = 2 * kv.n_layers * kv.n_stream * kv.kv_size * kv.n_kv_heads * kv.head_dim_k * item
+    theory_r = rc.n_layers * rc.rs_size * int(np.prod(rc.r_shape)) * jnp.dtype(rc.dtype_r).itemsize
+    theory_s = rc.n_layers * rc.rs_size * int(np.prod(rc.s_shape)) * jnp.dtype(rc.dtype_s).itemsize
+    theory = theory_kv + theory_r + theory_s
+    total = _tree_bytes(mem)
+    return dict(
+        model=label,
+        kv_size=kv_size,
+        n_seq=n_seq,
+        theoretical_bytes=theory,
+        buffer_bytes=total,
+        data_bytes=_tree_bytes((mem.kv.k, mem.kv.v, mem.recr.r, mem.recr.s)),
+        metadata_overhead=(total - theory) / theory,
+    )
+
+
+def _rss() -> tuple[int, int]:
+    """(current, peak) resident set size in bytes (Linux /proc)."""
+    vals = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                vals[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return vals["VmRSS"], vals["VmHWM"]
+
+
+def bench_memory(ctx: Ctx) -> dict:
+    a = ctx.args
+    buffers = [_buffer_report(ctx.config, 4096 * 8, 8, "tiny (parity tests)")]
+    full = JambaConfig(  # ai21labs/Jamba-v0.1's shapes (abstract, nothing is allocated)
+        vocab_size=65536,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        dtype="bfloat16",
+    )
+    buffers.append(_buffer_report(full, 4096 * 8, 8, "Jamba-v0.1 shapes, bf16"))
+
+    # Peak RSS over a long donated decode: compile first, then allocate, then run.
+    rss = {}
+    if os.path.exists("/proc/self/status"):
+        n_seq, kv_size = 8, a.rss_kv_size
+        cfg = jamba_hybrid_config(ctx.config, kv_size=kv_size, n_seq_max=n_seq)
+        seq_ids = jnp.arange(n_seq, dtype=jnp.int32)
+        active = jnp.ones((n_seq,), jnp.bool_)
+        tokens = jnp.full((n_seq,), 7, jnp.int32)
+        abstract = jax.eval_shape(lambda: jh.init_hybrid(cfg))
+        step = decode_tokens.lower(
+            ctx.model, abstract, tokens, seq_ids, active, cfg=cfg, n_ubatch=n_seq
+        ).compile()
+        mem_bytes = _tree_bytes(abstract)
+        param_bytes = _tree_bytes(ctx.model)
+        base, _ = _rss()
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak to now
+            f.write("5")
+        mem = jh.init_hybrid(cfg)
+        samples = {}
+        for i in range(1, a.rss_steps + 1):
+            logits, mem, code = step(ctx.model, mem, tokens, seq_ids, active)
+            if i in (1, 10, a.rss_steps // 2, a.rss_steps):
+                _block(logits)
+                samples[i] = _rss()[0] - base
+        _, peak = _rss()
+        assert int(code) == 0
+        rss = dict(
+            kv_size=kv_size,
+            steps=a.rss_steps,
+            memory_bytes=mem_bytes,
+            param_bytes=param_bytes,
+            rss_growth_after_step=samples,
+            peak_above_runtime=peak - base,
+            peak_ratio_to_params_plus_memory=(peak - base) / (mem_bytes + param_bytes),
+        )
+    return dict(buffers=buffers, rss=rss)
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt_table(title: str, rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    head = [c[1] for c in cols]
+    body = [[format(r[c[0]], c[2]) if c[2] else str(r[c[0]]) for c in cols] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    lines = [
+        f"\n## {title}",
+        "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |",
+    ]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += [
+        "| " + " | ".join(x.ljust(w) for x, w in zip(b, widths, strict=True)) + " |" for b in body
+    ]
+    return "\n".join(lines)
+
+
+def _report(res: dict) -> str:
+    out = []
+    if "decode" in res:
+        out.append(
+            _fmt_table(
+                "Decode (greedy, prompt {prompt}, {new_tokens} new tokens, "
+                "context {context}/seq)".format(**res["setup"]),
+                res["decode"],
+                [
+                    ("n_seq", "seqs", ""),
+                    ("peer", "peer", ""),
+                    ("ms_per_step", "ms/step", ".3f"),
+                    ("tok_per_s", "tok/s", ",.0f"),
+                    ("jaxhybrid_speedup", "jaxhybrid speed-up", ".2f"),
+                    ("spread", "spread", ".0%"),
+                    ("same_tokens_as_bare", "same tokens", ""),
+                ],
+            )
+        )
+    if "kv_scaling" in res:
+        out.append(
+            _fmt_table(
+                "Cost follows used cells (1 seq, 193-256 cells used)",
+                res["kv_scaling"],
+                [
+                    ("kv_size", "kv_size", ""),
+                    ("attention", "attention over", ""),
+                    ("ms_per_step", "ms/step", ".3f"),
+                    ("ratio_to_kv256", "vs kv_size 256", ".2f"),
+                    ("spread", "spread", ".0%"),
+                ],
+            )
+        )
+    if "scaling" in res:
+        out.append(
+            _fmt_table(
+                "Decode step vs batch and kv_size (8-token prompts, 16 steps)",
+                res["scaling"],
+                [
+                    ("n_seq", "seqs", ""),
+                    ("kv_size", "kv_size", ""),
+                    ("ms_per_step", "ms/step", ".3f"),
+                    ("tok_per_s", "tok/s", ",.0f"),
+                    ("spread", "spread", ".0%"),
+                ],
+            )
+        )
+    if "prefill" in res:
+        out.append(
+            _fmt_table(
+                "Prefill of a 512-token prompt",
+                res["prefill"],
+                [
+                    ("peer", "peer", ""),
+                    ("n_ubatch", "n_ubatch", ""),
+                    ("ms", "ms", ".1f"),
+                    ("tok_per_s", "tok/s", ",.0f"),
+                    ("spread", "spread", ".0%"),
+                ],
+            )
+        )
+    if "retrace" in res:
+        r = res["retrace"]
+        out.append(
+            f"\n## Retraces over a {r['steps']}-step continuous-batching run\n"
+            f"events: {r['events']}\n"
+            f"compilations (all jit calls, cumulative) after steps: "
+            f"{r['compilations_after_step']}\n"
+            f"engine functions: {r['engine_functions']}"
+        )
+    if "memory" in res:
+        m = res["memory"]
+        out.append(
+            _fmt_table(
+                "Memory buffers vs theoretical K/V + r + s sizes",
+                m["buffers"],
+                [
+                    ("model", "model", ""),
+                    ("kv_size", "kv_size", ""),
+                    ("n_seq", "seqs", ""),
+                    ("theoretical_bytes", "theoretical B", ",d"),
+                    ("buffer_bytes", "buffers B", ",d"),
+                    ("metadata_overhead", "metadata", ".2%"),
+                ],
+            )
+        )
+        if m["rss"]:
+            r = m["rss"]
+            out.append(
+                f"peak RSS: {r['steps']} donated decode steps at kv_size {r['kv_size']}: "
+                f"growth after steps {r['rss_growth_after_step']} B; peak above the runtime "
+                f"{r['peak_above_runtime']:,} B = {r['peak_ratio_to_params_plus_memory']:.2f} x "
+                f"(params {r['param_bytes']:,} B + memory {r['memory_bytes']:,} B)"
+            )
+    if "skipped" in res:
+        out += [f"skipped: {s}" for s in res["skipped"]]
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs (under two minutes)")
+    p.add_argument("--json", default="benchmarks/results.json", help="where to write results")
+    p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads")
+    p.add_argument(
+        "--llama-cpp-src",
+        default=os.environ.get("LLAMA_CPP_SRC"),
+        help="llama.cpp tree holding convert_hf_to_gguf.py (or env LLAMA_CPP_SRC)",
+    )
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        choices=["decode", "kv_scaling", "scaling", "prefill", "retrace", "memory"],
+    )
+    a = p.parse_args(argv)
+    full = not a.quick
+    a.prompt, a.context = 64, 4096
+    a.new_tokens = 128 if full else 64
+    a.rounds = 7 if full else 2
+    a.batches = (1, 8, 32) if full else (8,)
+    a.kv_sizes = (1024, 4096, 16384) if full else (1024, 16384)
+    a.ubatches = (64, 128, 512) if full else (64, 512)
+    a.api_peer = full  # generate() adds a compilation per batch size
+    a.engine_steps = 1000 if full else 300
+    a.rss_kv_size, a.rss_steps = (1 << 20, 1000) if full else (1 << 18, 100)
+    only = set(a.only or ["decode", "kv_scaling", "scaling", "prefill", "retrace", "memory"])
+
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="jaxhybrid-bench-"))
+    ckpt = work / "jamba"
+    _make_checkpoint(ckpt, seed=0)
+    config, model = load_jamba(ckpt)
+    llama_skip = lcpp.available(a.llama_cpp_src)
+    gguf_path = None
+    if llama_skip is None and only & {"decode", "prefill"}:
+        gguf_path = lcpp.convert(ckpt, a.llama_cpp_src, work / "jamba-f32.gguf", config.vocab_size)
+    res = dict(
+        setup=dict(
+            quick=a.quick,
+            prompt=a.prompt,
+            context=a.context,
+            new_tokens=a.new_tokens,
+            rounds=a.rounds,
+            threads=a.threads,
+            model=_model_config(),
+            dtype="float32",
+            jax=jax.__version__,
+            backend=jax.default_backend(),
+            cpu_count=os.cpu_count(),
+            machine=platform.platform(),
+        ),
+        skipped=[],
+    )
+    if llama_skip:
+        res["skipped"].append(f"llama.cpp peer: {llama_skip}")
+    ctx = Ctx(a, config, model, ckpt, gguf_path, llama_skip, res)
+    for name, fn in [
+        ("decode", bench_decode),
+        ("kv_scaling", bench_kv_scaling),
+        ("scaling", bench_scaling_table),
+        ("prefill", bench_prefill),
+        ("retrace", bench_retrace),
+        ("memory", bench_memory),
+    ]:
+        if name in only:
+            t = time.perf_counter()
+            res[name] = fn(ctx)
+            print(f"[{name}: {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
+    res["setup"]["wall_s"] = time.perf_counter() - t_start
+    print(_report(res))
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+    print(f"\nwrote {a.json} ({res['setup']['wall_s']:.0f} s)")
+    return res
