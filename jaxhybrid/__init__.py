@@ -19,6 +19,7 @@ from jaxhybrid._batch import (
     split_simple,
     validate,
 )
+from jaxhybrid._checkpoint import Checkpoint, checkpoint, restore_checkpoint
 from jaxhybrid._config import KVConfig, RecurrentConfig, SWAType
 from jaxhybrid._hybrid import (
     DecodeError,
@@ -81,6 +82,7 @@ __all__ = [
     "LayerKind",
     "MemoryStatus",
     "Placement",
+    "Checkpoint",
     "RecurrentConfig",
     "SWAType",
     "SplitKind",
@@ -100,6 +102,7 @@ __all__ = [
     "init_hybrid",
     "init_update",
     "is_fail",
+    "checkpoint",
     "load_state",
     "load_state_file",
     "make_batch",
@@ -120,6 +123,7 @@ __all__ = [
     "seq_pos_range",
     "seq_rm",
     "split",
+    "restore_checkpoint",
     "split_equal",
     "split_seq",
     "split_simple",

@@ -39,6 +39,7 @@ __all__ = [
     "init_recurrent",
     "init_recurrent_cells",
     "prepare",
+    "put_state",
     "read_states",
     "seq_add",
     "seq_cp",
@@ -879,3 +880,56 @@ def clear(mem: RecurrentMemory, data: bool | ScalarBool = True) -> RecurrentMemo
     buffers = {k: v for k, v in mem._asdict().items() if k != "cells" and v is not None}
     zeroed = {k: jnp.where(data, jnp.zeros((), v.dtype), v) for k, v in buffers.items()}
     return mem._replace(cells=empty, **zeroed)
+
+
+def put_state(
+    mem: RecurrentMemory, seq, pos, r: Array, s: Array, cfg: RecurrentConfig
+) -> tuple[RecurrentMemory, ScalarBool]:
+    """Makes ``(r, s)`` the state of ``seq`` after position ``pos`` (restoring a checkpoint).
+
+    ``seq``'s state goes into its own cell: its tail cell when no other sequence shares it, else
+    (or when it has none) a free cell; sharing sequences keep theirs. The cell's snapshots are
+    cleared (they described another history).
+
+    Args:
+        mem: the memory.
+        seq: the sequence (traced int32 scalar).
+        pos: the position the state was taken after (>= 0).
+        r, s: ``[n_layers, *r_shape]`` / ``[n_layers, *s_shape]`` states, e.g. a checkpoint's.
+        cfg: the memory's config.
+
+    Returns:
+        ``(mem, ok)``; False (memory unchanged) for an id out of range, ``pos < 0`` or no free cell.
+    """
+    _check_memory(mem, cfg)
+    seq, pos = _scalar(seq), _scalar(pos)
+    cells = mem.cells
+    rs, n_seq = cfg.rs_size, cfg.n_seq_max
+    sc = jnp.clip(seq, 0, n_seq - 1)
+    col = jnp.arange(n_seq) == sc
+    t = cells.tail[sc]
+    tc = jnp.clip(t, 0, rs - 1)
+    own = (t >= 0) & (jnp.sum(cells.seq[tc].astype(_I32)) == 1)
+    free_cells, n_free = _free_order(cells, cells.head)
+    ok = _seq_ok(seq, cfg) & (pos >= 0) & (own | (n_free > 0))
+    to = jnp.where(own, tc, free_cells[0])
+    at_to = jnp.arange(rs) == to
+    seq_new = (cells.seq & ~col[None, :]) | (at_to[:, None] & col[None, :])
+    snap = None if cells.snap is None else jnp.where(at_to[:, None], -1, cells.snap)
+    new = _drop_empty(
+        cells._replace(
+            pos=jnp.where(at_to, pos, cells.pos),
+            seq=seq_new,
+            tail=jnp.where(col, to, cells.tail),
+            snap=snap,
+        )
+    )
+    w = jnp.where(ok, to, rs)
+    return (
+        mem._replace(
+            cells=_select(ok, new, cells),
+            r=mem.r.at[:, w].set(r.astype(mem.r.dtype), mode="drop"),
+            s=mem.s.at[:, w].set(s.astype(mem.s.dtype), mode="drop"),
+        ),
+        ok,
+    )

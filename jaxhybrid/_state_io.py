@@ -12,7 +12,10 @@ A blob is our header, then the records of §9.2 (attention) and §9.4 (recurrent
 A per-sequence record holds that sequence's cells only and is restored into any destination
 sequence id (§9.3, §9.5). With :attr:`StateFlags.PARTIAL_ONLY` a hybrid blob holds only the
 recurrent record (llama.cpp's ``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``): a cheap checkpoint of the
-part that cannot be recomputed from the attention cache.
+part that cannot be recomputed from the attention cache. With :attr:`StateFlags.SNAPSHOTS` the
+recurrent record is followed by the cells' rollback snapshots (``u32 H``, ``i32 snap[H]`` per
+cell, then the ``H`` snapshot rows of every layer's ``r`` and ``s`` as ``type, row_bytes,
+rows``), so a restored sequence can still be rewound; without it restored cells start with none.
 
 Serialization runs on the host. Writing copies the selected cells' rows to the host once (one
 gather on device, one device-to-host copy). Reading parses and validates the whole blob and plans
@@ -72,6 +75,7 @@ class StateFlags(enum.IntFlag):
 
     NONE = 0
     PARTIAL_ONLY = 1  # hybrid: only the recurrent part
+    SNAPSHOTS = 4  # also the rollback snapshots of the recurrent states (n_snapshots > 0)
 
 
 class StateStatus(NamedTuple):
@@ -358,7 +362,9 @@ def _write_kv(w: _Writer, cache: KVCache, cfg: KVConfig, seq_id: int) -> None:
         _write_layers(w, v_rows[:, mine], cfg.dtype_v)
 
 
-def _write_recurrent(w: _Writer, mem: RecurrentMemory, cfg: RecurrentConfig, seq_id: int) -> None:
+def _write_recurrent(
+    w: _Writer, mem: RecurrentMemory, cfg: RecurrentConfig, seq_id: int, snapshots: bool
+) -> None:
     pos, seqs, tail = jax.device_get((mem.cells.pos, mem.cells.seq, mem.cells.tail))
     if seq_id >= 0:
         cells = np.array([tail[seq_id]] if tail[seq_id] >= 0 else [], np.int32)
@@ -375,6 +381,13 @@ def _write_recurrent(w: _Writer, mem: RecurrentMemory, cfg: RecurrentConfig, seq
     w.u32(cfg.n_layers)
     _write_layers(w, r_rows, cfg.dtype_r)
     _write_layers(w, s_rows, cfg.dtype_s)
+    if snapshots:
+        snap = jax.device_get(mem.cells.snap)[cells]
+        snap_r, snap_s = _fetch_rows((mem.snap_r, mem.snap_s), cells, cells, n_lead=1)
+        w.u32(cfg.n_snapshots)
+        w.ints(snap.reshape(-1))
+        _write_layers(w, snap_r, cfg.dtype_r)
+        _write_layers(w, snap_s, cfg.dtype_s)
 
 
 def state_write(
@@ -388,7 +401,8 @@ def state_write(
         cfg: its config.
         seq_id: -1 for everything, else the sequence to save.
         flags: :attr:`StateFlags.PARTIAL_ONLY` saves only the recurrent part of a hybrid memory
-            (ignored by the other memories, as in llama.cpp).
+            (ignored by the other memories, as in llama.cpp); :attr:`StateFlags.SNAPSHOTS` also
+            saves the rollback snapshots of the recurrent states.
 
     Returns:
         The blob, to give to :func:`state_read` with the same ``flags``.
@@ -407,6 +421,9 @@ def state_write(
     kind = _kind(mem, cfg)
     flags = StateFlags(flags)
     seq_id = _check_seq(seq_id, _n_seq_max(cfg))
+    _, recr = _parts(mem, cfg, flags)
+    if flags & StateFlags.SNAPSHOTS and recr is not None and not recr[1].n_snapshots:
+        raise ValueError("flags has SNAPSHOTS but this memory keeps none (n_snapshots=0)")
     desc = json.dumps(_desc(cfg), sort_keys=True).encode()
     w = _Writer()
     w.raw(MAGIC)
@@ -420,7 +437,7 @@ def state_write(
     if kv is not None:
         _write_kv(w, *kv, seq_id)
     if recr is not None:
-        _write_recurrent(w, *recr, seq_id)
+        _write_recurrent(w, *recr, seq_id, bool(flags & StateFlags.SNAPSHOTS))
     body = w.getvalue()
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -436,6 +453,7 @@ class _Cells:
     pos: np.ndarray  # [n] int32
     ids: list[np.ndarray]  # per cell
     rows: list[list[np.ndarray]]  # per buffer, per layer: [n, *row_shape] (views of the blob)
+    snap: np.ndarray | None = None  # [n, n_snapshots] snapshot positions (recurrent, if saved)
 
 
 def _read_meta(
@@ -544,7 +562,9 @@ def _parse_kv(r: _Reader, cfg: KVConfig, per_seq: bool) -> list[_Cells | None]:
     return out
 
 
-def _parse_recurrent(r: _Reader, cfg: RecurrentConfig, per_seq: bool) -> _Cells | None:
+def _parse_recurrent(
+    r: _Reader, cfg: RecurrentConfig, per_seq: bool, snapshots: bool
+) -> _Cells | None:
     """The record of §9.4 (None when it has no cells)."""
     what = "recurrent record"
     n = r.u32(f"{what} cell count")
@@ -566,7 +586,22 @@ def _parse_recurrent(r: _Reader, cfg: RecurrentConfig, per_seq: bool) -> _Cells 
     _read_data_header(r, cfg.n_layers, "s_trans", what)
     rr = _read_layers(r, cfg.n_layers, n, cfg.r_shape, cfg.dtype_r, what + " r")
     ss = _read_layers(r, cfg.n_layers, n, cfg.s_shape, cfg.dtype_s, what + " s")
-    return _Cells(pos, ids, [rr, ss])
+    if not snapshots:
+        return _Cells(pos, ids, [rr, ss])
+    h = r.u32("snapshot count")
+    if h != cfg.n_snapshots:
+        raise _Bad(f"the blob keeps {h} snapshots per cell, this memory {cfg.n_snapshots}")
+    snap = r.ints(n * h, "snapshot positions").reshape(n, h)
+    # Each kept snapshot is one of the h positions before its cell's, in slot q % h (§5.10).
+    slot = np.arange(h)[None, :]
+    kept = snap >= 0
+    bad = kept & ((snap >= pos[:, None]) | (snap < pos[:, None] - h) | (snap % h != slot))
+    if np.any(bad | (snap < -1)):
+        raise _Bad(f"{what}: snapshot positions {snap.tolist()} do not fit cell positions")
+    shape_r, shape_s = (h, *cfg.r_shape), (h, *cfg.s_shape)
+    sr = _read_layers(r, cfg.n_layers, n, shape_r, cfg.dtype_r, what + " snapshots r")
+    sss = _read_layers(r, cfg.n_layers, n, shape_s, cfg.dtype_s, what + " snapshots s")
+    return _Cells(pos, ids, [rr, ss, sr, sss], snap)
 
 
 def _parse_header(r: _Reader, kind: int, cfg: Config, seq_id: int, flags: StateFlags) -> None:
@@ -734,6 +769,7 @@ def _restore_recurrent(
         seqs = np.zeros((rs, n_seq), np.bool_)
         tail = np.full((n_seq,), -1, np.int32)
         head = 0
+        snap = np.full((rs, cfg.n_snapshots), -1, np.int32)
         cells = np.zeros((0,), np.int32)
         if rec is not None:
             n = len(rec.pos)
@@ -742,16 +778,21 @@ def _restore_recurrent(
             for i, ids in enumerate(rec.ids):
                 seqs[i, ids] = True
                 tail[ids] = i
+            if rec.snap is not None:
+                snap[:n] = rec.snap
         clear = True
     else:
-        pos, seqs, tail, head = (np.array(x) for x in jax.device_get(mem.cells))
-        head = int(head)
+        cur = jax.device_get(mem.cells)  # by name: the cells may carry more fields (snapshots)
+        pos, seqs, tail = (np.array(x) for x in (cur.pos, cur.seq, cur.tail))
+        head = int(cur.head)
+        snap = np.full((rs, 0), -1, np.int32) if cur.snap is None else np.array(cur.snap)
         old = int(tail[seq_id])
         if old >= 0:
             seqs[old, seq_id] = False
             tail[seq_id] = -1
             if not np.any(seqs[old]):
                 pos[old] = -1
+                snap[old] = -1
                 head = min(head, old)
         cells = np.zeros((0,), np.int32)
         if rec is not None:
@@ -761,6 +802,7 @@ def _restore_recurrent(
             cells = free
             pos[free] = rec.pos
             seqs[free, seq_id] = True
+            snap[free] = -1 if rec.snap is None else rec.snap
             tail[seq_id] = free[0]
             head = (int(free[0]) + 1) % rs
         clear = False
@@ -769,12 +811,19 @@ def _restore_recurrent(
         seq=_like(jnp.asarray(seqs), mem.cells.seq),
         tail=_like(jnp.asarray(tail), mem.cells.tail),
         head=_like(jnp.asarray(head, jnp.int32), mem.cells.head),
+        snap=None if mem.cells.snap is None else _like(jnp.asarray(snap), mem.cells.snap),
     )
-    if rec is None:
-        r, s = (jnp.zeros_like(b) for b in (mem.r, mem.s)) if clear else (mem.r, mem.s)
-        return RecurrentMemory(new_cells, _like(r, mem.r), _like(s, mem.s))
-    r, s = _store((mem.r, mem.s), cells, cells, [[rows] for rows in rec.rows], 1, clear)
-    return RecurrentMemory(new_cells, r, s)
+    bufs = [b for b in (mem.r, mem.s, mem.snap_r, mem.snap_s) if b is not None]
+    # Snapshot rows come with the blob (SNAPSHOTS) or are left as they are: without positions
+    # in ``snap`` they are never read.
+    n_rows = 0 if rec is None else len(rec.rows)
+    out = list(bufs)
+    if n_rows:
+        out[:n_rows] = _store(bufs[:n_rows], cells, cells, [[x] for x in rec.rows], 1, clear)
+    if clear:
+        out[n_rows:] = [_like(jnp.zeros_like(b), b) for b in bufs[n_rows:]]
+    names = ("r", "s", "snap_r", "snap_s")[: len(out)]
+    return mem._replace(cells=new_cells, **dict(zip(names, out, strict=True)))
 
 
 def _read(mem: Memory, cfg: Config, data, seq_id: int, flags: StateFlags) -> Memory:
@@ -798,7 +847,10 @@ def _read(mem: Memory, cfg: Config, data, seq_id: int, flags: StateFlags) -> Mem
     kv, recr = _parts(mem, cfg, flags)
     per_seq = seq_id >= 0
     kv_rec = _parse_kv(r, kv[1], per_seq) if kv is not None else None
-    recr_rec = _parse_recurrent(r, recr[1], per_seq) if recr is not None else None
+    snapshots = bool(flags & StateFlags.SNAPSHOTS)
+    if snapshots and recr is not None and not recr[1].n_snapshots:
+        raise _Bad("flags has SNAPSHOTS but this memory keeps none (n_snapshots=0)")
+    recr_rec = _parse_recurrent(r, recr[1], per_seq, snapshots) if recr is not None else None
     if r.left:
         raise _Bad(f"{r.left} unexpected bytes after the records")
     # Everything is parsed and checked; placement may still fail (no room), so plan both parts

@@ -317,14 +317,18 @@ def test_mamba_mixer_sets_with_gaps_equal_each_set_alone(moe_case):
     ssm0 = jnp.asarray(rng.standard_normal((4, cfg.d_inner, cfg.mamba_d_state)), jnp.float32)
     run = jax.jit(lambda x, seq_set: mixer(x, seq_set, conv0, ssm0))
     # When they run together, and each set runs alone from the front of the ubatch
-    out, conv, ssm = run(x, seq_set)
+    out, conv, ssm, (conv_tok, ssm_tok) = run(x, seq_set)
     for s in range(3):
         (slots,) = np.nonzero(np.asarray(seq_set) == s)
-        n = len(slots)
-        alone_x = jnp.zeros_like(x).at[:n].set(x[slots])
-        alone_set = jnp.full((12,), -1, jnp.int32).at[:n].set(s)
-        out_s, conv_s, ssm_s = run(alone_x, alone_set)
-        # Then outputs and final states agree, and each set's state is its own
+        for n in range(1, len(slots) + 1):
+            alone_x = jnp.zeros_like(x).at[:n].set(x[slots[:n]])
+            alone_set = jnp.full((12,), -1, jnp.int32).at[:n].set(s)
+            out_s, conv_s, ssm_s, _ = run(alone_x, alone_set)
+            # Then the per-token states (rollback snapshots) are the final states of the set
+            # cut after that token
+            np.testing.assert_allclose(conv_tok[slots[n - 1]], conv_s[s], atol=1e-6)
+            np.testing.assert_allclose(ssm_tok[slots[n - 1]], ssm_s[s], atol=1e-5, rtol=1e-5)
+        # ... and with the whole set, outputs and final states agree; each set's state is its own
         np.testing.assert_allclose(out[slots], out_s[:n], atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(conv[s], conv_s[s], atol=1e-6)
         np.testing.assert_allclose(ssm[s], ssm_s[s], atol=1e-5, rtol=1e-5)

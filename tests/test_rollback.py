@@ -249,3 +249,66 @@ def test_write_states_requires_per_token_states_with_snapshots():
     s = jnp.zeros((4, *cfg.recurrent.s_shape))
     with pytest.raises(ValueError, match="per-token"):
         jh.write_states(mem, cfg, 0, place, r, s, ub.n_seqs)
+
+
+def test_saved_sequence_keeps_its_snapshots_when_asked():
+    cfg = _config(False)
+    params = hm.init_params(2)
+    toks = [3, 1, 4, 1, 5, 9, 2, 6]
+    mem = _rebuild(cfg, 4, params, {1: toks})
+    with_snaps = jh.state_write(mem, cfg, 1, flags=jh.StateFlags.SNAPSHOTS)
+    plain = jh.state_write(mem, cfg, 1)
+    assert len(with_snaps) > len(plain)
+    # Restored with its snapshots into sequence 3 of another memory, it rewinds exactly
+    other = _rebuild(cfg, 4, params, {0: [7, 7, 7]})
+    restored = jh.load_state(other, cfg, with_snaps, 3, flags=jh.StateFlags.SNAPSHOTS)
+    assert int(jh.seq_pos_min(restored, 3, cfg)) == len(toks) - 1 - H
+    rewound, ok = jh.seq_rm(restored, 3, 5, -1, cfg)
+    assert bool(ok)
+    want = _rebuild(cfg, 4, params, {0: [7, 7, 7], 3: toks[:5]})
+    assert _per_seq(rewound, cfg)[3][1] == _per_seq(want, cfg)[3][1]
+    assert _per_seq(rewound, cfg)[3][0] == _per_seq(want, cfg)[3][0]
+    # Whole-memory round trips keep them as well
+    whole = jh.state_write(mem, cfg, flags=jh.StateFlags.SNAPSHOTS)
+    again = jh.load_state(jh.init_hybrid(cfg), cfg, whole, flags=jh.StateFlags.SNAPSHOTS)
+    assert jh.state_write(again, cfg, flags=jh.StateFlags.SNAPSHOTS) == whole
+    # Without the flag the restored sequence has no snapshots: the same rewind is refused
+    bare = jh.load_state(other, cfg, plain, 3)
+    assert int(jh.seq_pos_min(bare, 3, cfg)) == len(toks) - 1
+    _, ok = jh.seq_rm(bare, 3, 5, -1, cfg)
+    assert not bool(ok)
+    # A memory without snapshots cannot take them, and says so
+    no_snap_cfg = _config(False, n_snapshots=0)
+    _, status = jh.state_read(
+        jh.init_hybrid(no_snap_cfg), no_snap_cfg, with_snaps, 3, flags=jh.StateFlags.SNAPSHOTS
+    )
+    assert not status.ok and "n_snapshots=0" in status.message
+
+
+def test_checkpoint_restores_a_turn_beyond_the_horizon():
+    # Given a conversation checkpointed after its first turn, then 12 more tokens (horizon 5)
+    cfg = _config(True)
+    params = hm.init_params(4)
+    turn1, turn2, edited = [1, 2, 3, 4, 5, 6], list(range(12)), [9, 8, 7]
+    mem = _rebuild(cfg, 4, params, {0: turn1, 2: [4, 4]})
+    ckpt = jax.jit(functools.partial(jh.checkpoint, cfg=cfg))(mem, 0)
+    assert int(ckpt.pos) == len(turn1) - 1
+    _, mem = _decode(cfg, 4, params, mem, turn2, [0] * 12, list(range(6, 18)))
+    _, ok = jh.seq_rm(mem, 0, len(turn1), -1, cfg)
+    assert not bool(ok)  # 12 tokens back: beyond the snapshots
+    # When the second turn is replaced: rewind to the checkpoint, decode the edited turn
+    restore = jax.jit(functools.partial(jh.restore_checkpoint, cfg=cfg))
+    mem, ok = restore(mem, 0, ckpt)
+    assert bool(ok) and int(jh.seq_pos_max(mem, 0, cfg)) == len(turn1) - 1
+    got, mem = _decode(cfg, 4, params, mem, edited, [0] * 3, [6, 7, 8])
+    # Then it is as if the second turn never happened
+    ref = _rebuild(cfg, 4, params, {0: turn1, 2: [4, 4]})
+    want, ref = _decode(cfg, 4, params, ref, edited, [0] * 3, [6, 7, 8])
+    assert _per_seq(mem, cfg)[0] == _per_seq(ref, cfg)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-6)
+    # A checkpoint past what the attention part holds, or an empty one, is refused unchanged
+    before = jax.tree.map(jnp.copy, mem)
+    late = ckpt._replace(pos=jnp.int32(50))
+    for bad in (late, jh.checkpoint(jh.init_hybrid(cfg), 0, cfg)):
+        new, ok = restore(mem, 0, bad)
+        assert not bool(ok) and _trees_equal(new, before)

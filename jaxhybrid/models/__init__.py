@@ -23,6 +23,7 @@ from jaxhybrid.models._hybrid_adapter import (
 )
 from jaxhybrid.models._loader import hf_tensor_shapes, load_jamba
 from jaxhybrid.models._protocol import ModelMemory
+from jaxhybrid.models._speculative import SpeculativeOutput, speculative_generate
 from jaxhybrid.models.jamba import (
     Jamba,
     JambaAttention,
@@ -47,6 +48,7 @@ __all__ = [
     "JambaMoE",
     "ModelMemory",
     "Request",
+    "SpeculativeOutput",
     "SamplingParams",
     "decode_tokens",
     "forward",
@@ -59,4 +61,5 @@ __all__ = [
     "load_jamba",
     "prefill",
     "sample",
+    "speculative_generate",
 ]

@@ -119,8 +119,12 @@ class DenseMemory(NamedTuple):
         ssm = jnp.where(used[:, None, None], self.ssm[mamba_layer][idx], 0)
         return conv, ssm
 
-    def set_ssm_states(self, mamba_layer: int, conv, ssm) -> DenseMemory:
-        """Stores every used set's final state into its sequence."""
+    def set_ssm_states(
+        self, mamba_layer: int, conv, ssm, *, conv_tok=None, ssm_tok=None
+    ) -> DenseMemory:
+        """Stores every used set's final state into its sequence (no rollback snapshots here:
+        the per-token states are ignored)."""
+        del conv_tok, ssm_tok
         row = jnp.where(self.set_seq >= 0, self.set_seq, self.n_seq_max)
         return self._replace(
             conv=self.conv.at[mamba_layer, row].set(conv.astype(self.conv.dtype), mode="drop"),

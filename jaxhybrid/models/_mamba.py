@@ -66,13 +66,18 @@ def causal_conv(
     weight: Float[Array, "d_conv d_inner"],
     bias: Float[Array, " d_inner"] | None,
     spans: SetSpans,
-) -> tuple[Float[Array, "ubatch d_inner"], Float[Array, "sets d_conv1 d_inner"]]:
+) -> tuple[
+    Float[Array, "ubatch d_inner"],
+    Float[Array, "sets d_conv1 d_inner"],
+    Float[Array, "ubatch d_conv1 d_inner"],
+]:
     """Depthwise causal conv of each set's inputs continuing its conv state.
 
     Returns:
-        ``(y, conv)``: the conv output (before activation; garbage but finite in padding slots)
-        and every set's new state, the last ``d_conv - 1`` inputs of the set (oldest first),
-        taken from ``conv0`` where the set holds fewer tokens than that.
+        ``(y, conv, conv_tok)``: the conv output (before activation; garbage but finite in
+        padding slots), every set's new state, the last ``d_conv - 1`` inputs of the set (oldest
+        first, taken from ``conv0`` where the set holds fewer tokens than that), and the same
+        state after every token slot (for rollback snapshots; unused values are dropped by XLA).
     """
     d_conv = weight.shape[0]
     n_tokens = x.shape[0]
@@ -87,6 +92,18 @@ def causal_conv(
     if bias is not None:
         y = y + bias[None, :].astype(jnp.float32)
 
+    # After the token at offset o, row k holds the input at offset o - lag (lag = d_conv - 2 - k),
+    # or row k + o + 1 of the set's initial state when that offset is before the set.
+    tok_rows = []
+    for k in range(d_conv - 1):
+        lag = d_conv - 2 - k
+        from_x = x[jnp.clip(t - lag, 0, n_tokens - 1)].astype(conv0.dtype)
+        from_state = conv0[spans.set_idx, jnp.clip(k + spans.offset + 1, 0, d_conv - 2)]
+        tok_rows.append(jnp.where((spans.offset >= lag)[:, None], from_x, from_state))
+    conv_tok = (
+        jnp.stack(tok_rows, axis=1) if tok_rows else jnp.zeros((n_tokens, 0, x.shape[1]), x.dtype)
+    )
+
     rows = []
     for k in range(d_conv - 1):
         lag = d_conv - 2 - k
@@ -94,7 +111,7 @@ def causal_conv(
         from_state = conv0[jnp.arange(conv0.shape[0]), jnp.clip(spans.count + k, 0, d_conv - 2)]
         rows.append(jnp.where((lag < spans.count)[:, None], from_x.astype(conv0.dtype), from_state))
     conv = jnp.stack(rows, axis=1) if rows else conv0
-    return y.astype(x.dtype), conv
+    return y.astype(x.dtype), conv, conv_tok
 
 
 def selective_scan(
@@ -222,13 +239,17 @@ class MambaMixer(nnx.Module):
         Float[Array, "ubatch hidden"],
         Float[Array, "sets d_conv1 d_inner"],
         Float[Array, "sets d_inner d_state"],
+        tuple[Float[Array, "ubatch d_conv1 d_inner"], Float[Array, "ubatch d_inner d_state"]],
     ]:
-        """Mixes the ubatch and returns ``(out, conv, ssm)`` with every set's final states."""
+        """Mixes the ubatch and returns ``(out, conv, ssm, (conv_tok, ssm_tok))``: every set's
+        final states and the states after every token slot (what rollback snapshots keep)."""
         spans = set_spans(seq_set, conv0.shape[0])
         xz = self.in_proj(x)
         xs, z = xz[:, : self.d_inner], xz[:, self.d_inner :]
         bias = None if self.conv_bias is None else self.conv_bias[...]
-        xc, conv = causal_conv(xs, conv0.astype(xs.dtype), self.conv_weight[...], bias, spans)
+        xc, conv, conv_tok = causal_conv(
+            xs, conv0.astype(xs.dtype), self.conv_weight[...], bias, spans
+        )
         xc = jax.nn.silu(xc)
 
         dbc = self.x_proj(xc)
@@ -250,4 +271,4 @@ class MambaMixer(nnx.Module):
         y = jnp.einsum("tdn,tn->td", h, c)
         y = y + xc32 * self.D[...][None, :].astype(jnp.float32)
         y = y * jax.nn.silu(z.astype(jnp.float32))
-        return self.out_proj(y.astype(x.dtype)), conv, ssm
+        return self.out_proj(y.astype(x.dtype)), conv, ssm, (conv_tok, h)

@@ -83,6 +83,12 @@ class ModelMemory(Protocol):
         mamba_layer: int,
         conv: Float[Array, "sets d_conv1 d_inner"],
         ssm: Float[Array, "sets d_inner d_state"],
+        *,
+        conv_tok: Float[Array, "ubatch d_conv1 d_inner"] | None = None,
+        ssm_tok: Float[Array, "ubatch d_inner d_state"] | None = None,
     ) -> Self:
-        """Stores the final state of every seq set (sets without tokens get their input back)."""
+        """Stores the final state of every seq set (sets without tokens get their input back).
+
+        ``conv_tok`` / ``ssm_tok`` are the states after every token slot; a memory that keeps
+        rollback snapshots takes them from there, others ignore them."""
         ...

@@ -307,8 +307,14 @@ class JambaLayer(nnx.Module):
             h, mem = self.self_attn(h, valid, mem, self.index)
         else:
             conv0, ssm0 = mem.ssm_states(self.index)
-            h, conv, ssm = self.mamba(h, seq_set, conv0, ssm0)
-            mem = mem.set_ssm_states(self.index, conv.astype(conv0.dtype), ssm.astype(ssm0.dtype))
+            h, conv, ssm, (conv_tok, ssm_tok) = self.mamba(h, seq_set, conv0, ssm0)
+            mem = mem.set_ssm_states(
+                self.index,
+                conv.astype(conv0.dtype),
+                ssm.astype(ssm0.dtype),
+                conv_tok=conv_tok.astype(conv0.dtype),
+                ssm_tok=ssm_tok.astype(ssm0.dtype),
+            )
         x = x + h
         return x + self.feed_forward(self.pre_ff_layernorm(x)), mem
 

@@ -1,0 +1,102 @@
+"""Rollback on Jamba (issue 10): a rewound Mamba state continues as if the removed tokens were
+never seen, and greedy speculative decoding equals plain greedy decoding token for token."""
+
+from __future__ import annotations
+
+import jamba_utils as ju
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxhybrid as jh
+from jaxhybrid.models import (
+    JambaConfig,
+    generate,
+    init_jamba,
+    jamba_hybrid_config,
+    prefill,
+    speculative_generate,
+)
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def jamba():
+    config = JambaConfig(**ju.MOE_GQA)
+    return config, init_jamba(config, seed=3)
+
+
+def _prefill(model, cfg, mem, tokens, seq=0):
+    toks = jnp.asarray([tokens], jnp.int32)
+    out, mem, code = prefill(
+        model,
+        mem,
+        toks,
+        jnp.asarray([len(tokens)], jnp.int32),
+        jnp.asarray([seq], jnp.int32),
+        cfg=cfg,
+        n_ubatch=8,
+        output_all=True,
+    )
+    assert int(code) == 0
+    return np.asarray(out[0]), mem
+
+
+def test_jamba_rollback_equals_never_seeing_the_tokens(jamba):
+    config, model = jamba
+    cfg = jamba_hybrid_config(config, kv_size=64, n_seq_max=2, n_snapshots=4)
+    rng = np.random.default_rng(0)
+    prompt, rejected, accepted = (
+        [int(t) for t in rng.integers(0, config.vocab_size, n)] for n in (11, 4, 5)
+    )
+    # Given a prompt, then 4 tokens in single-token steps that are then removed
+    _, mem = _prefill(model, cfg, jh.init_hybrid(cfg), prompt)
+    for t in rejected:
+        _, mem = _prefill(model, cfg, mem, [t])
+    mem, ok = jh.seq_rm(mem, 0, len(prompt), -1, cfg)
+    assert bool(ok)
+    assert int(jh.seq_pos_max(mem, 0, cfg)) == len(prompt) - 1
+    # (one token further back than the horizon is refused)
+    _, ok = jh.seq_rm(mem, 0, len(prompt) - 1, -1, cfg)
+    assert not bool(ok)
+    got, _ = _prefill(model, cfg, mem, accepted)
+    # Then decoding goes on as in a memory that never saw them
+    want, _ = _prefill(model, cfg, jh.init_hybrid(cfg), prompt + accepted)
+    np.testing.assert_allclose(got, want[len(prompt) :], atol=2e-5, rtol=0)
+
+
+def test_speculative_decoding_equals_plain_greedy(jamba):
+    config, target = jamba
+    # A draft close to the target: the target's weights slightly perturbed
+    rng = np.random.default_rng(1)
+
+    def perturb(p):
+        if not jnp.issubdtype(p.dtype, jnp.floating):
+            return p
+        return p + 0.005 * jnp.asarray(rng.standard_normal(p.shape), p.dtype)
+
+    draft = jax.tree.map(perturb, target)
+    prompts = [[5, 17, 99, 3, 64, 21, 8], [42, 7, 120]]
+    cfg = jamba_hybrid_config(config, kv_size=96, n_seq_max=2, n_snapshots=K)
+    out = speculative_generate(
+        target, draft, prompts, target_cfg=cfg, draft_cfg=cfg, k=K, max_new_tokens=20, n_ubatch=8
+    )
+    assert int(out.code) == 0
+    plain_cfg = jamba_hybrid_config(config, kv_size=96, n_seq_max=2)
+    ref = generate(
+        target, jh.init_hybrid(plain_cfg), prompts, cfg=plain_cfg, n_ubatch=8, max_new_tokens=20
+    )
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    # Some drafts were accepted and some rejected (so rollbacks of every depth ran)
+    assert 0 < int(out.n_accepted) < int(out.n_drafted)
+
+
+def test_speculative_decoding_needs_a_deep_enough_horizon(jamba):
+    config, model = jamba
+    cfg = jamba_hybrid_config(config, kv_size=32, n_seq_max=1, n_snapshots=2)
+    with pytest.raises(ValueError, match="n_snapshots >= 3"):
+        speculative_generate(
+            model, model, [[1, 2]], target_cfg=cfg, draft_cfg=cfg, k=3, max_new_tokens=4, n_ubatch=8
+        )
