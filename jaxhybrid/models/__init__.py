@@ -23,6 +23,7 @@ from jaxhybrid.models._hybrid_adapter import (
 )
 from jaxhybrid.models._loader import hf_tensor_shapes, load_jamba
 from jaxhybrid.models._protocol import ModelMemory
+from jaxhybrid.models._sharding import jamba_param_sharding, jamba_param_specs, shard_jamba
 from jaxhybrid.models._speculative import SpeculativeOutput, speculative_generate
 from jaxhybrid.models.jamba import (
     Jamba,
@@ -57,9 +58,12 @@ __all__ = [
     "init_jamba",
     "init_dense_memory",
     "jamba_hybrid_config",
+    "jamba_param_sharding",
+    "jamba_param_specs",
     "jamba_step_fn",
     "load_jamba",
     "prefill",
     "sample",
     "speculative_generate",
+    "shard_jamba",
 ]
