@@ -29,16 +29,21 @@ import numpy as np
 
 from jaxhybrid import _hybrid as hy
 from jaxhybrid._batch import Batch
+from jaxhybrid._state_io import state_read, state_write
+from jaxhybrid._status import select_tree
 from jaxhybrid._typing import Array, Bool, Float, Int
 from jaxhybrid.models._hybrid_adapter import jamba_step_fn
 
 __all__ = [
     "Engine",
     "GenerateOutput",
+    "MemoryUsage",
     "Request",
+    "SavedRequest",
     "SamplingParams",
     "decode_tokens",
     "generate",
+    "memory_usage",
     "prefill",
     "sample",
 ]
@@ -418,6 +423,120 @@ def _free(mem, seq, *, cfg):
     return hy.seq_rm(mem, seq, -1, -1, cfg)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "rope_fn"), donate_argnames="mem")
+def _shift(mem, seq, n_keep, n_discard, n_past, *, cfg, rope_fn):
+    """llama.cpp's context shift of one sequence, atomically: drop positions
+    ``[n_keep, n_keep + n_discard)``, move ``[n_keep + n_discard, n_past)`` down by ``n_discard``
+    and apply the pending K-shift (§2.12, §4.1, §4.4).
+
+    In the recurrent part the removal is a middle range, which succeeds and changes nothing (the
+    state cannot forget what it absorbed, §5.7.1), and the shift moves the state's position.
+    """
+    p1 = n_keep + n_discard
+    new, ok_rm = hy.seq_rm(mem, seq, n_keep, p1, cfg)
+    new, ok_add = hy.seq_add(new, seq, p1, n_past, -n_discard, cfg)
+    new, _ = hy.update(new, cfg, rope_fn)
+    ok = ok_rm & ok_add
+    return select_tree(ok, new, mem), ok
+
+
+class MemoryUsage(NamedTuple):
+    """What a hybrid memory holds, read on the host (see :func:`memory_usage`).
+
+    Attributes:
+        kv_cells_per_seq: ``[n_seq_max]`` KV cells holding each sequence (shared cells count for
+            every sequence that holds them).
+        kv_cells_used: non-empty KV cells (all streams).
+        kv_cells_shared: KV cells held by more than one sequence (after ``seq_cp``).
+        kv_cells_total: ``n_stream * kv_size``.
+        recr_cells_used: recurrent cells holding a state.
+        recr_cells_total: recurrent cells (``rs_size``).
+        recr_cell_of_seq: ``[n_seq_max]`` the recurrent cell of each sequence (-1: none).
+        pos_min, pos_max: ``[n_seq_max]`` each sequence's hybrid range (§7.6: what both parts
+            hold; a recurrent state holds only its last position, so both are that; -1: none).
+        kv_bytes, recr_bytes: bytes of the K/V buffers and of the recurrent state buffers (r, s
+            and any rollback snapshots).
+        kv_bytes_used, recr_bytes_used: the part of those bytes in used cells.
+        meta_bytes: bytes of the cell metadata of both parts.
+        kv_pos: ``[n_stream, kv_size]`` position of every KV cell (-1: empty).
+        kv_seq: ``[n_stream, kv_size, n_seq_max]`` which sequences every KV cell holds.
+        recr_pos: ``[rs_size]`` position of every recurrent cell (-1: empty).
+        recr_seq: ``[rs_size, n_seq_max]`` which sequences share every recurrent cell.
+    """
+
+    kv_cells_per_seq: np.ndarray
+    kv_cells_used: int
+    kv_cells_shared: int
+    kv_cells_total: int
+    recr_cells_used: int
+    recr_cells_total: int
+    recr_cell_of_seq: np.ndarray
+    pos_min: np.ndarray
+    pos_max: np.ndarray
+    kv_bytes: int
+    recr_bytes: int
+    kv_bytes_used: int
+    recr_bytes_used: int
+    meta_bytes: int
+    kv_pos: np.ndarray
+    kv_seq: np.ndarray
+    recr_pos: np.ndarray
+    recr_seq: np.ndarray
+
+
+_pos_range = jax.jit(hy.seq_pos_range, static_argnames="cfg")
+
+
+def _nbytes(tree) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def memory_usage(mem: hy.HybridMemory, cfg: hy.HybridConfig) -> MemoryUsage:
+    """Cells and bytes a hybrid memory uses, per sequence and in total (host side; copies only
+    the cell metadata to the host).
+
+    Examples:
+        >>> import jaxhybrid as jh
+        >>> cfg = jh.HybridConfig.from_layers(
+        ...     [True, False],
+        ...     jh.KVConfig(kv_size=8, n_seq_max=2, head_dim_k=4),
+        ...     jh.RecurrentConfig(n_seq_max=2, r_shape=(2, 4), s_shape=(4, 2)),
+        ... )
+        >>> use = memory_usage(jh.init_hybrid(cfg), cfg)
+        >>> use.kv_cells_used, use.kv_cells_total, use.kv_bytes
+        (0, 8, 256)
+    """
+    kv_cells, rs_cells = jax.device_get((mem.kv.cells, mem.recr.cells))
+    lo, hi = (np.asarray(x) for x in jax.device_get(_pos_range(mem, cfg=cfg)))
+    kv_used = kv_cells.pos >= 0
+    rs_used = rs_cells.pos >= 0
+    n_kv_used, n_rs_used = int(kv_used.sum()), int(rs_used.sum())
+    # Every buffer but the cell metadata: K/V, r/s states and any extra state planes.
+    kv_bytes = _nbytes(mem.kv) - _nbytes(mem.kv.cells)
+    recr_bytes = _nbytes(mem.recr) - _nbytes(mem.recr.cells)
+    n_kv, n_rs = kv_cells.pos.size, rs_cells.pos.size
+    return MemoryUsage(
+        kv_cells_per_seq=(kv_cells.seq & kv_used[..., None]).sum(axis=(0, 1)),
+        kv_cells_used=n_kv_used,
+        kv_cells_shared=int((kv_cells.seq.sum(axis=-1) > 1).sum()),
+        kv_cells_total=n_kv,
+        recr_cells_used=n_rs_used,
+        recr_cells_total=n_rs,
+        recr_cell_of_seq=np.asarray(rs_cells.tail),
+        pos_min=lo,
+        pos_max=hi,
+        kv_bytes=kv_bytes,
+        recr_bytes=recr_bytes,
+        kv_bytes_used=kv_bytes * n_kv_used // n_kv,
+        recr_bytes_used=recr_bytes * n_rs_used // n_rs,
+        meta_bytes=_nbytes((kv_cells, rs_cells)),
+        kv_pos=np.asarray(kv_cells.pos),
+        kv_seq=np.asarray(kv_cells.seq),
+        recr_pos=np.asarray(rs_cells.pos),
+        recr_seq=np.asarray(rs_cells.seq),
+    )
+
+
 @dataclasses.dataclass
 class Request:
     """A request of the :class:`Engine` (host side).
@@ -431,6 +550,9 @@ class Request:
         max_new_tokens, stop_tokens, temperature, top_k, top_p, seed: its settings.
         done: finished (stop token or length) or cancelled.
         cancelled: removed by :meth:`Engine.cancel`.
+        n_past: positions its sequence holds in memory (the next token is decoded at this
+            position; context shifts lower it).
+        n_shifts: context shifts applied to it.
     """
 
     id: int
@@ -445,6 +567,24 @@ class Request:
     tokens: list[int] = dataclasses.field(default_factory=list)
     done: bool = False
     cancelled: bool = False
+    n_past: int = 0
+    n_shifts: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRequest:
+    """A request saved by :meth:`Engine.save`: its sequence's memory record and what the engine
+    needs to go on (llama.cpp's sequence file keeps the tokens next to the record, §9.7).
+
+    Attributes:
+        data: the sequence's state record (:func:`jaxhybrid.state_write`).
+        request: a copy of the request (prompt, tokens, settings, ``n_past``).
+        logits: ``[vocab]`` the logits its next token is sampled from.
+    """
+
+    data: bytes
+    request: Request
+    logits: np.ndarray
 
 
 class Engine:
@@ -456,12 +596,22 @@ class Engine:
     the tokens of those that go on in one jitted batch (one compile for any mix of requests);
     finished and cancelled requests free their sequence (``seq_rm``).
 
+    With ``n_ctx_seq`` set, a request whose next token would not fit its context is shifted
+    first, as llama.cpp's examples do: the first ``n_keep`` positions stay, half of the rest is
+    dropped and the remainder moves down (:meth:`context_shift`). :meth:`save` and
+    :meth:`restore` move a conversation out of memory and back, into any free sequence id.
+
     Args:
         model: the model (a pytree), or its state with ``graphdef``.
         cfg: the hybrid config; ``cfg.n_seq_max`` bounds the running requests.
         n_ubatch: ubatch size.
         n_prompt: static prompt capacity of one prefill call (longer prompts take several).
         n_stop: static number of stop tokens per request.
+        n_ctx_seq: positions one sequence may hold (``None``: no limit and no context shift).
+        n_keep: positions a context shift keeps at the start of a sequence.
+        rope_fn: ``rope_fn(k, delta_pos)`` re-rotating cached K rows after a shift
+            (:func:`jaxhybrid.kv.rope_shift_fn`); ``None`` for models whose attention has no
+            positional encoding, such as Jamba.
     """
 
     def __init__(
@@ -473,9 +623,16 @@ class Engine:
         n_prompt: int = 64,
         n_stop: int = 4,
         graphdef=None,
+        n_ctx_seq: int | None = None,
+        n_keep: int = 0,
+        rope_fn=None,
     ):
+        if n_ctx_seq is not None and not 0 <= n_keep <= n_ctx_seq - 2:
+            # A shift must drop at least one position: n_past - n_keep >= 2 (§4.1, §4.4).
+            raise ValueError(f"n_keep must be in [0, n_ctx_seq - 2], got {n_keep} ({n_ctx_seq=})")
         self.model, self.cfg, self.graphdef = model, cfg, graphdef
         self.n_ubatch, self.n_prompt, self.n_stop = n_ubatch, n_prompt, n_stop
+        self.n_ctx_seq, self.n_keep, self.rope_fn = n_ctx_seq, n_keep, rope_fn
         n = cfg.n_seq_max
         self.mem = hy.init_hybrid(cfg)
         self.requests: dict[int, Request] = {}
@@ -539,6 +696,11 @@ class Engine:
         """Starts a request in a free sequence id and decodes its prompt; returns its id."""
         if len(prompt) < 1:
             raise ValueError("the prompt must have at least one token")
+        if self.n_ctx_seq is not None and len(prompt) >= self.n_ctx_seq:
+            raise ValueError(
+                f"a prompt of {len(prompt)} tokens leaves no room to generate in a context of "
+                f"n_ctx_seq={self.n_ctx_seq} positions"
+            )
         seq = self._free_seq()
         n = self.cfg.n_seq_max
         logits = None
@@ -563,6 +725,7 @@ class Engine:
             self._logits = jnp.zeros((n, logits.shape[-1]), jnp.float32)
         self._logits = self._logits.at[seq].set(logits[0])
         req = self._new(seq, prompt, max_new_tokens, stop_tokens, temperature, top_k, top_p, seed)
+        req.n_past = len(prompt)
         return req.id
 
     def fork(
@@ -602,6 +765,7 @@ class Engine:
             pick(top_p, parent.top_p),
             seed,
         )
+        req.n_past = parent.n_past
         return req.id
 
     def cancel(self, request_id: int) -> None:
@@ -619,6 +783,11 @@ class Engine:
         running = self.running()
         if not running:
             return {}
+        if self.n_ctx_seq is not None:
+            for r in running:
+                # Only a request that will decode its token needs room for it.
+                if r.n_past >= self.n_ctx_seq and len(r.tokens) + 1 < r.max_new_tokens:
+                    self.context_shift(r.id)
         n = self.cfg.n_seq_max
         active = np.zeros(n, bool)
         count = np.zeros(n, np.int32)
@@ -658,9 +827,103 @@ class Engine:
             out[r.id] = int(tok[r.seq])
             if finished[r.seq]:
                 self._release(r)
+            else:
+                r.n_past += 1
         return out
 
     def run(self) -> None:
         """Steps until no request is running."""
         while self.running():
             self.step()
+
+    def context_shift(self, request_id: int, n_discard: int | None = None) -> int:
+        """Makes room in a request's context (llama.cpp's context shift, §4.1, §4.4, §2.12).
+
+        Positions ``[n_keep, n_keep + n_discard)`` are removed with ``seq_rm``, the later ones
+        move down by ``n_discard`` with ``seq_add``, and ``update`` applies the pending K-shift
+        (re-rotating K with ``rope_fn``). The recurrent state keeps what it absorbed (§5.7.1).
+
+        Args:
+            request_id: a running request.
+            n_discard: positions to drop (default: half of those after ``n_keep``).
+
+        Returns:
+            The number of positions dropped.
+        """
+        req = self.requests[request_id]
+        if req.seq < 0:
+            raise ValueError(f"request {request_id} is not running")
+        n_left = req.n_past - self.n_keep
+        n_discard = n_left // 2 if n_discard is None else int(n_discard)
+        if not 1 <= n_discard < n_left:
+            raise ValueError(
+                f"cannot drop {n_discard} of the {n_left} positions after n_keep={self.n_keep} "
+                f"(request {request_id} holds {req.n_past})"
+            )
+        self.mem, ok = _shift(
+            self.mem,
+            jnp.int32(req.seq),
+            jnp.int32(self.n_keep),
+            jnp.int32(n_discard),
+            jnp.int32(req.n_past),
+            cfg=self.cfg,
+            rope_fn=self.rope_fn,
+        )
+        if not bool(ok):
+            raise RuntimeError(
+                f"context shift of request {request_id} failed: no free KV cell to split its "
+                "shared cells off (memory unchanged)"
+            )
+        req.n_past -= n_discard
+        req.n_shifts += 1
+        return n_discard
+
+    def save(self, request_id: int, *, flags: int = 0) -> SavedRequest:
+        """Saves a running request: its sequence's memory record (:func:`jaxhybrid.state_write`),
+        its tokens and settings, and the logits of its next token. The request keeps running."""
+        req = self.requests[request_id]
+        if req.seq < 0:
+            raise ValueError(f"request {request_id} is not running")
+        data = state_write(self.mem, self.cfg, req.seq, flags=flags)
+        copy = dataclasses.replace(req, prompt=list(req.prompt), tokens=list(req.tokens))
+        return SavedRequest(bytes(data), copy, np.asarray(self._logits[req.seq]))
+
+    def restore(self, saved: SavedRequest, *, seq: int | None = None, flags: int = 0) -> int:
+        """Starts a new request that continues a saved one, in sequence ``seq`` (default: the
+        first free one), and returns its id. Its next tokens are those the saved request would
+        have generated (same seed and token count, §9.3, §9.5).
+
+        Raises:
+            ValueError: ``seq`` is out of range or running.
+            RuntimeError: the record does not fit this memory (the message says why; memory
+                unchanged).
+        """
+        n = self.cfg.n_seq_max
+        if seq is None:
+            seq = self._free_seq()
+        elif not 0 <= seq < n or self._by_seq[seq] is not None:
+            raise ValueError(f"sequence id {seq} is not a free id in [0, {n})")
+        mem, status = state_read(self.mem, self.cfg, saved.data, seq, flags=flags)
+        if not status.ok:
+            raise RuntimeError(f"restore into sequence {seq} failed: {status.message}")
+        self.mem = mem
+        old = saved.request
+        if self._logits is None:
+            self._logits = jnp.zeros((n, saved.logits.shape[-1]), jnp.float32)
+        self._logits = self._logits.at[seq].set(jnp.asarray(saved.logits))
+        req = self._new(
+            seq,
+            old.prompt,
+            old.max_new_tokens,
+            old.stop_tokens,
+            old.temperature,
+            old.top_k,
+            old.top_p,
+            old.seed,
+        )
+        req.tokens, req.n_past, req.n_shifts = list(old.tokens), old.n_past, old.n_shifts
+        return req.id
+
+    def memory_usage(self) -> MemoryUsage:
+        """Cells and bytes the engine's memory uses (:func:`memory_usage`)."""
+        return memory_usage(self.mem, self.cfg)
