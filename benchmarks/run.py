@@ -179,7 +179,7 @@ def _prompts(n_seq: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
 def bench_decode(ctx: Ctx) -> list[dict]:
     a = ctx.args
     rows = []
-    for n_seq in (1, 8):
+    for n_seq in a.decode_seqs:
         prompts = _prompts(n_seq, a.prompt, ctx.config.vocab_size, seed=n_seq)
         n_new = a.new_tokens
         cfg = jamba_hybrid_config(ctx.config, kv_size=a.context * n_seq, n_seq_max=n_seq)
@@ -791,14 +791,17 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     full = not a.quick
     a.prompt, a.context = 64, 4096
-    a.new_tokens = 128 if full else 64
-    a.rounds = 7 if full else 2
+    # --quick is a smoke run of every section (about 110 s on an idle 2-core machine, most of it
+    # compiling); its figures are indicative only.
+    a.new_tokens = 128 if full else 32
+    a.rounds = 7 if full else 1
     a.batches = (1, 8, 32) if full else (8,)
-    a.kv_sizes = (1024, 4096, 16384) if full else (1024, 16384)
-    a.ubatches = (64, 128, 512) if full else (64, 512)
+    a.kv_sizes = (1024, 4096, 16384) if full else (1024,)
+    a.decode_seqs = (1, 8) if full else (8,)
+    a.ubatches = (64, 128, 512) if full else (128,)
     a.api_peer = full  # generate() adds a compilation per batch size
-    a.engine_steps = 1000 if full else 300
-    a.rss_kv_size, a.rss_steps = (1 << 20, 1000) if full else (1 << 18, 100)
+    a.engine_steps = 1000 if full else 60
+    a.rss_kv_size, a.rss_steps = (1 << 20, 1000) if full else (1 << 16, 50)
     only = set(a.only or ["decode", "kv_scaling", "scaling", "prefill", "retrace", "memory"])
 
     t_start = time.perf_counter()
