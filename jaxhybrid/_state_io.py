@@ -715,7 +715,8 @@ def _restore_kv(cache: KVCache, cfg: KVConfig, rec: list[_Cells | None], seq_id:
     else:
         # §9.3.3: the destination's cells are dropped, then the stored cells go to free cells of
         # its stream. Done on host copies of the metadata, so nothing changes if they do not fit.
-        pos, seqs, shift, head = (np.array(x) for x in jax.device_get(cache.cells))
+        cur = jax.device_get(cache.cells)  # by name, as for the recurrent cells
+        pos, seqs, shift, head = (np.array(x) for x in (cur.pos, cur.seq, cur.shift, cur.head))
         seqs[:, :, seq_id] = False
         freed = (pos >= 0) & ~np.any(seqs, axis=-1)
         pos[freed] = -1
