@@ -208,11 +208,15 @@ def init_hybrid(cfg: HybridConfig) -> HybridMemory:
 # Queries (§7.6)
 
 
-def seq_pos_range(mem: HybridMemory, cfg: HybridConfig) -> tuple[Array, Array]:
+def seq_pos_range(
+    mem: HybridMemory, cfg: HybridConfig, *, snapshots: bool = True
+) -> tuple[Array, Array]:
     """Per-sequence ``(pos_min, pos_max)``: min = max of the parts, max = min of the parts, and
-    ``pos_max = -1`` when either part lacks the sequence (§7.6, Q11)."""
+    ``pos_max = -1`` when either part lacks the sequence (§7.6, Q11). With rollback snapshots the
+    recurrent minimum is the oldest kept state (``snapshots=False``: its last position, as in
+    llama.cpp)."""
     a_min, a_max = kvc.seq_pos_range(mem.kv, cfg.kv)
-    r_min, r_max = rec.seq_pos_range(mem.recr, cfg.recurrent)
+    r_min, r_max = rec.seq_pos_range(mem.recr, cfg.recurrent, snapshots=snapshots)
     missing = (a_max < 0) | (r_max < 0)
     return jnp.maximum(a_min, r_min), jnp.where(missing, -1, jnp.minimum(a_max, r_max))
 
@@ -567,7 +571,9 @@ def decode(
     # then enters one cond whose failure branch returns it untouched, and XLA updates it in
     # place instead of copying every buffer each step.
     updated = init_update(mem, cfg) == MemoryStatus.SUCCESS
-    lo, hi = seq_pos_range(mem, cfg)
+    # Validation compares sequences as llama.cpp does (a recurrent state holds its last position
+    # only): rollback snapshots must not make coupled sequences look diverged (§6.2).
+    lo, hi = seq_pos_range(mem, cfg, snapshots=False)
     batch, check = validate(
         batch, lo, hi, n_seq_max=cfg.n_seq_max, n_vocab=n_vocab, output_all=embd_all
     )

@@ -828,18 +828,19 @@ def seq_div(
 
 
 def seq_pos_range(
-    mem: RecurrentMemory, cfg: RecurrentConfig
+    mem: RecurrentMemory, cfg: RecurrentConfig, *, snapshots: bool = True
 ) -> tuple[Int[Array, " seqs"], Int[Array, " seqs"]]:
     """Smallest and largest position held by every sequence, -1 where none (§5.7.6).
 
     A sequence has at most one state, so both are its last absorbed position; with snapshots
     the smallest is the oldest position whose state is kept (``seq_rm(seq, p0, -1)`` succeeds
-    for every ``p0 > pos_min``).
+    for every ``p0 > pos_min``), unless ``snapshots`` is False (llama.cpp's definition, which
+    batch validation uses, §6.2).
     """
     _check_memory(mem, cfg)
     cells = mem.cells
     pos = cells.pos
-    if cells.snap is not None:
+    if cells.snap is not None and snapshots:
         oldest = jnp.min(jnp.where(cells.snap >= 0, cells.snap, _POS_INF), axis=1)
         pos = jnp.where(pos >= 0, jnp.minimum(pos, oldest), pos)
     has = jnp.any(cells.seq, axis=0)

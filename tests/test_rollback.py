@@ -312,3 +312,18 @@ def test_checkpoint_restores_a_turn_beyond_the_horizon():
     for bad in (late, jh.checkpoint(jh.init_hybrid(cfg), 0, cfg)):
         new, ok = restore(mem, 0, bad)
         assert not bool(ok) and _trees_equal(new, before)
+
+
+def test_snapshots_do_not_make_coupled_sequences_look_diverged():
+    # Given sequences 0 and 1 with the same history, 1 restored without its snapshots, so their
+    # seq_pos_min differ (oldest kept state) while llama.cpp's positions agree
+    cfg = _config(True)
+    params = hm.init_params(0)
+    mem = _rebuild(cfg, 4, params, {0: [1, 2, 3, 4, 5, 6, 7]})
+    mem = jh.load_state(mem, cfg, jh.state_write(mem, cfg, 0), 1)
+    assert int(jh.seq_pos_min(mem, 0, cfg)) != int(jh.seq_pos_min(mem, 1, cfg))
+    # When a token shared by both is decoded, then the batch is valid (§6.2 coupling rule)
+    batch = jh.make_batch([8], seq_ids=[[0, 1]], pos=[7], n_batch=N_BATCH)
+    _, mem, res = _decoder(cfg, 4)(params, mem, batch)
+    jh.raise_for_result(res)
+    assert int(jh.seq_pos_max(mem, 1, cfg)) == 7
