@@ -36,9 +36,33 @@ from jaxhybrid.models.jamba import JambaConfig, forward
 __all__ = ["HybridModelMemory", "jamba_hybrid_config", "jamba_step_fn"]
 
 
+class _MambaStates:
+    """The Mamba-state half of :class:`~jaxhybrid.models.ModelMemory`, shared by both bindings
+    below (they have ``mem``, ``place``, ``n_seqs`` and ``cfg``)."""
+
+    def ssm_states(self, mamba_layer: int):
+        layer = self.cfg.recr_layers[mamba_layer]
+        return hy.read_states(self.mem, self.cfg, layer, self.place)
+
+    def set_ssm_states(self, mamba_layer: int, conv, ssm, *, conv_tok=None, ssm_tok=None):
+        layer = self.cfg.recr_layers[mamba_layer]
+        mem = hy.write_states(
+            self.mem,
+            self.cfg,
+            layer,
+            self.place,
+            conv,
+            ssm,
+            self.n_seqs,
+            r_tok=conv_tok,
+            s_tok=ssm_tok,
+        )
+        return dataclasses.replace(self, mem=mem)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class HybridModelMemory:
+class HybridModelMemory(_MambaStates):
     """The hybrid memory bound to one placed ubatch (the :class:`ModelMemory` protocol).
 
     Attributes:
@@ -63,31 +87,10 @@ class HybridModelMemory:
         k_all, v_all = hy.read_kv(mem, self.cfg, layer)
         return k_all, v_all, self.place.mask, dataclasses.replace(self, mem=mem)
 
-    def ssm_states(self, mamba_layer: int):
-        layer = self.cfg.recr_layers[mamba_layer]
-        return hy.read_states(self.mem, self.cfg, layer, self.place)
-
-    def set_ssm_states(
-        self, mamba_layer: int, conv, ssm, *, conv_tok=None, ssm_tok=None
-    ) -> HybridModelMemory:
-        layer = self.cfg.recr_layers[mamba_layer]
-        mem = hy.write_states(
-            self.mem,
-            self.cfg,
-            layer,
-            self.place,
-            conv,
-            ssm,
-            self.n_seqs,
-            r_tok=conv_tok,
-            s_tok=ssm_tok,
-        )
-        return dataclasses.replace(self, mem=mem)
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _SpanModelMemory:
+class _SpanModelMemory(_MambaStates):
     """The hybrid memory bound to one placed ubatch, attending over ``n_kv`` leading cells.
 
     Runs inside one branch of the span switch. K/V are never written here: the ubatch's rows are
@@ -133,27 +136,6 @@ class _SpanModelMemory:
 
         bound = dataclasses.replace(self, k_rows=put(self.k_rows, k), v_rows=put(self.v_rows, v))
         return k_all, v_all, self.place.mask, bound
-
-    def ssm_states(self, mamba_layer: int):
-        layer = self.cfg.recr_layers[mamba_layer]
-        return hy.read_states(self.mem, self.cfg, layer, self.place)
-
-    def set_ssm_states(
-        self, mamba_layer: int, conv, ssm, *, conv_tok=None, ssm_tok=None
-    ) -> _SpanModelMemory:
-        layer = self.cfg.recr_layers[mamba_layer]
-        mem = hy.write_states(
-            self.mem,
-            self.cfg,
-            layer,
-            self.place,
-            conv,
-            ssm,
-            self.n_seqs,
-            r_tok=conv_tok,
-            s_tok=ssm_tok,
-        )
-        return dataclasses.replace(self, mem=mem)
 
 
 def jamba_hybrid_config(
