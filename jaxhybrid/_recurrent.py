@@ -877,8 +877,10 @@ def clear(mem: RecurrentMemory, data: bool | ScalarBool = True) -> RecurrentMemo
     )
     if isinstance(data, bool) and not data:
         return mem._replace(cells=empty)
-    data = jnp.asarray(data, jnp.bool_)
     buffers = {k: v for k, v in mem._asdict().items() if k != "cells" and v is not None}
+    if isinstance(data, bool):  # static: fresh zeros, no pass over the old buffers
+        return mem._replace(cells=empty, **{k: jnp.zeros_like(v) for k, v in buffers.items()})
+    data = jnp.asarray(data, jnp.bool_)
     zeroed = {k: jnp.where(data, jnp.zeros((), v.dtype), v) for k, v in buffers.items()}
     return mem._replace(cells=empty, **zeroed)
 
