@@ -296,47 +296,78 @@ def _find_slot(cells: KVCells, ubatch: UBatch, cfg: KVConfig) -> KVSlot:
         only = jnp.argmax(cells.seq, axis=-1)
         nxt = pmax[only] + 1
         usable = usable | ((n_in == 1) & is_masked_swa(cfg.swa_type, cfg.n_swa, cells.pos, nxt))
-    used = jnp.sum(~empty, axis=1).astype(_I32)
+    counts = _block_counts(usable)
+    if cfg.swa_type == SWAType.NONE:
+        used = cfg.kv_size - counts.total  # usable == empty: no second pass over the cells
+    else:
+        used = jnp.sum(~empty, axis=1).astype(_I32)
     head = jnp.where(cells.head > used + 2 * group_size, 0, cells.head)  # §2.4.3 restart
     # §12.4: the first T usable cells in circular order from head, in O(cells) (no sort): the
     # r-th usable cell from head is the ((usable cells below head) + r)-th usable cell overall,
     # modulo their number. It is found in two levels (a running count over the whole cell axis
-    # is slow on CPU): binary search over per-block counts, then a count inside the block.
-    table, count = _nth_usable(usable, head, n_ub)
+    # is slow on CPU): per-block counts, then a count inside the block; only for the (stream,
+    # rank) of each token.
     idx = jnp.clip(tok_idx, 0, n_ub - 1)
-    cell = jnp.where(valid, table[tok_stream, idx].astype(_I32), 0)
-    fits = jnp.all(~valid | (tok_idx < count[tok_stream]))
+    cell = _nth_usable(counts, head, tok_stream, idx)
+    cell = jnp.where(valid, cell, 0)
+    fits = jnp.all(~valid | (tok_idx < counts.total[tok_stream]))
     return KVSlot(stream=tok_stream, cell=cell, ok=groups_ok & fits)
 
 
 _BLOCK = 128
 
 
-def _nth_usable(usable: Bool[Array, "streams cells"], head: Int[Array, " streams"], n: int):
-    """Per stream, the cells of the first ``n`` usable cells in circular order from ``head``
-    (``[streams, n]``, wrapping around when fewer are usable) and the number usable."""
+class _BlockCounts(NamedTuple):
+    """Usable cells of every stream, counted per block of ``_BLOCK`` cells."""
+
+    blocks: Bool[Array, "streams blocks B"]
+    per_block: Int[Array, "streams blocks"]
+    upto: Int[Array, "streams blocks"]  # usable cells in blocks [0, b]
+    total: Int[Array, " streams"]
+
+
+def _block_counts(usable: Bool[Array, "streams cells"]) -> _BlockCounts:
     st_n, size = usable.shape
-    pad = -size % _BLOCK
-    u = jnp.pad(usable, ((0, 0), (0, pad))).astype(_I32)
-    blocks = u.reshape(st_n, -1, _BLOCK)  # [streams, blocks, B]
-    per_block = jnp.sum(blocks, axis=2)
-    upto = jnp.cumsum(per_block, axis=1)  # usable cells in blocks [0, b]
-    count = upto[:, -1]
-    cells = jnp.arange(size, dtype=_I32)
-    below = jnp.sum(usable & (cells[None, :] < head[:, None]), axis=1, dtype=_I32)
-    rank = jnp.arange(n, dtype=_I32)
-    target = jnp.mod(below[:, None] + rank[None, :], jnp.maximum(count, 1)[:, None])
-    blk = jax.vmap(lambda c, q: jnp.searchsorted(c, q, side="left"))(upto, target + 1)
-    blk = jnp.minimum(blk, per_block.shape[1] - 1).astype(_I32)
-    within = target - (
-        jnp.take_along_axis(upto, blk, axis=1) - jnp.take_along_axis(per_block, blk, axis=1)
+    blocks = jnp.pad(usable, ((0, 0), (0, -size % _BLOCK))).reshape(st_n, -1, _BLOCK)
+    per_block = jnp.sum(blocks, axis=2, dtype=_I32)
+    upto = jnp.cumsum(per_block, axis=1, dtype=_I32)
+    return _BlockCounts(blocks, per_block, upto, upto[:, -1])
+
+
+def _prefix_count(rows: Bool[Array, "n B"]) -> Int[Array, "n B"]:
+    """Inclusive running count along the last axis in log2(B) shifted adds (XLA's cumsum is a
+    quadratic reduce-window on CPU)."""
+    x = rows.astype(_I32)
+    shift = 1
+    while shift < x.shape[-1]:
+        x = x + jnp.pad(x[:, :-shift], ((0, 0), (shift, 0)))
+        shift *= 2
+    return x
+
+
+def _nth_usable(
+    counts: _BlockCounts, head: Int[Array, " streams"], stream: Int[Array, " n"], rank
+) -> Int[Array, " n"]:
+    """The cell of the ``rank``-th usable cell of ``stream`` in circular order from that stream's
+    ``head``, for every entry (wrapping around when fewer are usable)."""
+    blocks, per_block, upto, total = counts
+    n_blocks = per_block.shape[1]
+    # Usable cells below head: the blocks before head's, and the part of head's block below it.
+    hb = jnp.clip(head // _BLOCK, 0, n_blocks - 1)
+    before = jnp.take_along_axis(upto - per_block, hb[:, None], axis=1)[:, 0]
+    part = jnp.take_along_axis(blocks, hb[:, None, None], axis=1)[:, 0]
+    below = before + jnp.sum(
+        part & (jnp.arange(_BLOCK)[None, :] < (head - hb * _BLOCK)[:, None]), axis=1, dtype=_I32
     )
-    rows = jnp.take_along_axis(blocks, blk[:, :, None], axis=1)  # [streams, n, B]
-    # Exact prefix counts inside the block (small integers, exact in float32) as one matmul.
-    tri = jnp.triu(jnp.ones((_BLOCK, _BLOCK), jnp.float32))
-    inside = jnp.matmul(rows.astype(jnp.float32), tri, precision="highest")
-    offset = jnp.argmax(inside > within[:, :, None].astype(jnp.float32), axis=2).astype(_I32)
-    return blk * _BLOCK + offset, count
+    target = jnp.mod(below[stream] + rank, jnp.maximum(total[stream], 1))
+    # The first block whose running count passes the target, then the offset inside it
+    # (running counts are non-decreasing, so "first index past" is a count of those not past).
+    blk = jnp.sum(upto[stream] <= target[:, None], axis=1, dtype=_I32)
+    blk = jnp.minimum(blk, n_blocks - 1)
+    within = target - (upto[stream, blk] - per_block[stream, blk])
+    inside = _prefix_count(blocks[stream, blk])
+    offset = jnp.sum(inside <= within[:, None], axis=1, dtype=_I32)
+    return blk * _BLOCK + offset
 
 
 def find_slot(cache: KVCache, ubatch: UBatch, cfg: KVConfig) -> KVSlot:

@@ -341,6 +341,31 @@ def test_find_slot_restart_heuristic(head, expected):
     assert [c for _, c in ref.find_slot(_tokens(ub))] == expected
 
 
+@pytest.mark.parametrize("size", [5, 128, 300, 1024])
+def test_nth_usable_cell_in_circular_order_over_several_blocks(size):
+    # Given streams of random usable cells over several 128-cell blocks (with padding), random
+    # heads (also inside blocks and past the last usable cell) and random ranks
+    rng = np.random.default_rng(size)
+    n_st, n = 3, 40
+    usable = rng.random((n_st, size)) < rng.uniform(0.02, 0.9, (n_st, 1))
+    usable[1] = False  # one stream with nothing usable
+    head = rng.integers(0, size, n_st)
+    stream = rng.integers(0, n_st, n)
+    rank = rng.integers(0, 3 * size, n)
+    # When the rank-th usable cell from head is looked up per entry
+    counts = kvc._block_counts(jnp.asarray(usable))
+    got = jax.jit(kvc._nth_usable)(
+        counts, jnp.asarray(head, jnp.int32), jnp.asarray(stream, jnp.int32), jnp.asarray(rank)
+    )
+    # Then it is the cell a walk from head in circular order finds (wrapping around when fewer
+    # are usable), and the totals are the usable counts
+    np.testing.assert_array_equal(np.asarray(counts.total), usable.sum(axis=1))
+    for i, (s, r) in enumerate(zip(stream, rank, strict=True)):
+        order = [c for c in np.r_[head[s] : size, 0 : head[s]] if usable[s, c]]
+        if order:
+            assert int(got[i]) == order[r % len(order)], (s, r)
+
+
 # --------------------------------------------------------------------------------------------
 # Attention through the cache
 
