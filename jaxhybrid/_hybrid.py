@@ -477,11 +477,18 @@ def read_kv(
 
 
 def kq_mask(
-    mem: HybridMemory, cfg: HybridConfig, ub: UBatch, place: Placement, n_kv: int | None = None
+    mem: HybridMemory,
+    cfg: HybridConfig,
+    ub: UBatch,
+    place: Placement,
+    n_kv: int | None = None,
+    *,
+    own_stream: bool = False,
 ) -> Bool[Array, "ubatch kv"]:
     """The visibility mask of a placed ubatch over the leading static ``n_kv`` cells of each
-    stream (§3.3; None = every cell, which is ``place.mask``)."""
-    return kvc.kq_mask(mem.kv, ub, place.kv, cfg.kv, n_kv)
+    stream (§3.3; None = every cell, which is ``place.mask``); with ``own_stream``, over those of
+    each token's own stream only (see :func:`jaxhybrid.kv.kq_mask`)."""
+    return kvc.kq_mask(mem.kv, ub, place.kv, cfg.kv, n_kv, own_stream=own_stream)
 
 
 def read_states(

@@ -560,27 +560,47 @@ def read_kv(cache: KVCache, layer, n_kv: int | None = None) -> tuple[Array, Arra
 
 
 def kq_mask(
-    cache: KVCache, ubatch: UBatch, slot: KVSlot, cfg: KVConfig, n_kv: int | None = None
+    cache: KVCache,
+    ubatch: UBatch,
+    slot: KVSlot,
+    cfg: KVConfig,
+    n_kv: int | None = None,
+    *,
+    own_stream: bool = False,
 ) -> Bool[Array, "ubatch kv"]:
     """Which cells each token of the placed ubatch attends to (§3.3), flat over streams like
     :func:`read_kv` with the same static ``n_kv`` (None = every cell).
+
+    With ``own_stream`` the mask covers only the leading ``n_kv`` cells of each token's own
+    stream, ``[ubatch, n_kv]``: the mask of attention per stream (llama.cpp's non-unified
+    cache), where token ``t`` reads ``read_kv(...)`` reshaped ``[n_stream, n_kv, ...]`` at its own
+    stream ``slot.stream[t]`` (a token never sees another stream, §3.6).
 
     Call after :func:`apply_ubatch`: a token sees itself and earlier tokens of its ubatch.
     """
     _check_cache(cache, cfg)
     st_n = cfg.n_stream
     span = _span(cfg.kv_size, n_kv)
-    pos = cache.cells.pos[:, :span].reshape(st_n * span)
-    seq = cache.cells.seq[:, :span].reshape(st_n * span, cfg.n_seq_max)
-    cell_stream = jnp.repeat(jnp.arange(st_n, dtype=_I32), span)
     primary = jnp.clip(ubatch.seq_id[:, 0], 0, cfg.n_seq_max - 1)
-    p0 = pos[None, :]
     p1 = ubatch.pos.astype(_I32)[:, None]
+    if own_stream:
+        stream = jnp.clip(slot.stream, 0, st_n - 1)
+        p0 = cache.cells.pos[stream, :span]
+        # §3.3.2: the token's first seq id only.
+        has_seq = cache.cells.seq[stream[:, None], jnp.arange(span)[None, :], primary[:, None]]
+        same_stream = True
+    else:
+        pos = cache.cells.pos[:, :span].reshape(st_n * span)
+        seq = cache.cells.seq[:, :span].reshape(st_n * span, cfg.n_seq_max)
+        cell_stream = jnp.repeat(jnp.arange(st_n, dtype=_I32), span)
+        p0 = pos[None, :]
+        has_seq = jnp.take(seq, primary, axis=1).T
+        same_stream = cell_stream[None, :] == slot.stream[:, None]  # §3.6
     vis = (
         (ubatch.valid & slot.ok)[:, None]
-        & (cell_stream[None, :] == slot.stream[:, None])  # §3.6
+        & same_stream
         & (p0 >= 0)  # §3.3.1
-        & jnp.take(seq, primary, axis=1).T  # §3.3.2: the token's first seq id only
+        & has_seq
         & ~is_masked_swa(cfg.swa_type, cfg.n_swa, p0, p1)  # §3.3.5
     )
     if cfg.causal:

@@ -110,6 +110,10 @@ def test_span_mask_and_kv_equal_the_full_ones_cut_to_the_span(kw):
             np.asarray(k_span),
             np.asarray(k_full).reshape(st, 32, 1, 2)[:, :span].reshape(st * span, 1, 2),
         )
+        # And the mask over each token's own stream is its stream's part of the full one
+        own = np.asarray(jkv.kq_mask(cache, ub, slot, cfg, span, own_stream=True))
+        stream = np.asarray(slot.stream)
+        np.testing.assert_array_equal(own, full.reshape(2, st, 32)[np.arange(2), stream, :span])
 
 
 def test_freed_cells_are_reused_so_the_used_span_stays_put():
@@ -145,23 +149,23 @@ def model():
     return config, init_jamba(config, seed=5)
 
 
-def _decoder(config, *, unified: bool, used_span: bool):
+def _decoder(config, *, unified: bool, used_span: bool, n_ubatch: int = 4):
     cfg = jamba_hybrid_config(config, kv_size=KV_SIZE, n_seq_max=2, unified=unified)
     step = jamba_step_fn(None, cfg, used_span=used_span, min_span=MIN_SPAN)
 
     @functools.partial(jax.jit, donate_argnums=(1,))
     def dec(params, mem, batch):
-        out, mem, res = jh.decode(step, params, mem, batch, cfg, n_ubatch=4)
+        out, mem, res = jh.decode(step, params, mem, batch, cfg, n_ubatch=n_ubatch)
         return out, mem, res.code
 
     return cfg, dec
 
 
-def _run(model, *, unified, used_span):
+def _run(model, *, unified, used_span, n_ubatch=4):
     """Prompts of 3 and 5 tokens, then 11 greedy steps of both sequences, with sequence 0
     removed and restarted half way; returns the logits of every step and the spans used."""
     config, params = model
-    cfg, dec = _decoder(config, unified=unified, used_span=used_span)
+    cfg, dec = _decoder(config, unified=unified, used_span=used_span, n_ubatch=n_ubatch)
     mem = jh.init_hybrid(cfg)
     batch = jh.make_batch([3, 9, 27, 5, 7, 11, 13, 17], seq_ids=[0] * 3 + [1] * 5, n_batch=8)
     out, mem, code = dec(params, mem, batch)
@@ -184,11 +188,16 @@ def _run(model, *, unified, used_span):
     return logits, spans, dec
 
 
-@pytest.mark.parametrize("unified", [True, False], ids=["unified", "streams"])
-def test_span_switch_gives_exactly_the_logits_of_full_attention(model, unified):
+@pytest.mark.parametrize(
+    "unified, n_ubatch",
+    # 2 streams and ubatches of 2: every token attends over its own stream only.
+    [(True, 4), (False, 4), (False, 2)],
+    ids=["unified", "streams", "streams-per-token"],
+)
+def test_span_switch_gives_exactly_the_logits_of_full_attention(model, unified, n_ubatch):
     # Given the same decode steps with attention over the used span and over every cell
-    got, spans, dec = _run(model, unified=unified, used_span=True)
-    want, _, dec_full = _run(model, unified=unified, used_span=False)
+    got, spans, dec = _run(model, unified=unified, used_span=True, n_ubatch=n_ubatch)
+    want, _, dec_full = _run(model, unified=unified, used_span=False, n_ubatch=n_ubatch)
     # Then the steps ran in several different spans
     assert len(set(spans)) >= 2, spans
     # And every logit is identical

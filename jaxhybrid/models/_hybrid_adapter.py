@@ -106,6 +106,9 @@ class _SpanModelMemory(_MambaStates):
         k_rows, v_rows: the ubatch's K/V rows per attention layer (None until the layer ran).
         cfg: the hybrid config (static).
         n_kv: the span (static).
+        per_token: return every token the span of its own stream, ``[ubatch, n_kv, ...]``
+            (``place.mask`` then is ``[ubatch, n_kv]``), instead of all streams' spans on one
+            axis (static).
     """
 
     mem: hy.HybridMemory
@@ -115,6 +118,7 @@ class _SpanModelMemory(_MambaStates):
     v_rows: tuple
     cfg: hy.HybridConfig = dataclasses.field(metadata=dict(static=True))
     n_kv: int = dataclasses.field(metadata=dict(static=True))
+    per_token: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def seq_set(self) -> Int[Array, " ubatch"]:
@@ -130,6 +134,10 @@ class _SpanModelMemory(_MambaStates):
         row = jnp.where(self.place.valid & slot.ok, flat, k_all.shape[0])
         k_all = k_all.at[row].set(k, mode="drop")
         v_all = v_all.at[row].set(v, mode="drop")
+        if self.per_token:
+            stream = jnp.clip(slot.stream, 0, self.cfg.kv.n_stream - 1)
+            k_all = k_all.reshape(-1, self.n_kv, *k_all.shape[1:])[stream]
+            v_all = v_all.reshape(-1, self.n_kv, *v_all.shape[1:])[stream]
 
         def put(rows, x):
             return (*rows[:attn_layer], x, *rows[attn_layer + 1 :])
@@ -198,9 +206,15 @@ def jamba_step_fn(
             the used cells (§2.7), chosen at run time; False attends over every cell. Both give
             the same logits.
         min_span: the smallest span (llama.cpp pads ``n_kv`` to 256).
+
+    With one KV stream per sequence (``unified=False``) and a ubatch of at most ``n_stream``
+    tokens (decoding), each token attends over its own stream's span only, as llama.cpp's
+    non-unified cache does, instead of over every stream's span under a mask: ``n_stream`` times
+    fewer scores, for a copy of the span's K/V per token that is no larger than the span itself.
     """
     spans = kvc.n_kv_spans(cfg.kv.kv_size, min_span) if used_span else ()
     n_attn = len(cfg.attn_layers)
+    n_stream = cfg.kv.n_stream
 
     def step_fn(params, ub, mem: hy.HybridMemory, place: hy.Placement):
         model = params if graphdef is None else nnx.merge(graphdef, params)
@@ -209,17 +223,21 @@ def jamba_step_fn(
             logits, bound = forward(model, ub.token, ub.pos, ub.valid, bound)
             return logits, bound.mem
 
+        per_token = n_stream > 1 and ub.token.shape[0] <= n_stream
+
         def run(span: int, recr):
             # Only the recurrent part and the new K/V rows leave the branch (see
             # _SpanModelMemory); the K/V buffers are read from the enclosing scope.
+            mask = hy.kq_mask(mem, cfg, ub, place, span, own_stream=per_token)
             bound = _SpanModelMemory(
                 mem=mem._replace(recr=recr),
-                place=place._replace(mask=hy.kq_mask(mem, cfg, ub, place, span)),
+                place=place._replace(mask=mask),
                 n_seqs=ub.n_seqs,
                 k_rows=(None,) * n_attn,
                 v_rows=(None,) * n_attn,
                 cfg=cfg,
                 n_kv=span,
+                per_token=per_token,
             )
             logits, bound = forward(model, ub.token, ub.pos, ub.valid, bound)
             return logits, bound.mem.recr, bound.k_rows, bound.v_rows

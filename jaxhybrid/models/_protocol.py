@@ -57,8 +57,8 @@ class ModelMemory(Protocol):
         k: Float[Array, "ubatch kv_heads head_dim"],
         v: Float[Array, "ubatch kv_heads head_dim"],
     ) -> tuple[
-        Float[Array, "kv kv_heads head_dim"],
-        Float[Array, "kv kv_heads head_dim"],
+        Float[Array, "kv kv_heads head_dim"] | Float[Array, "ubatch kv kv_heads head_dim"],
+        Float[Array, "kv kv_heads head_dim"] | Float[Array, "ubatch kv kv_heads head_dim"],
         Bool[Array, "ubatch kv"],
         Self,
     ]:
@@ -67,7 +67,10 @@ class ModelMemory(Protocol):
         Returns:
             ``(k_all, v_all, mask, mem)``: ``mask[t, c]`` is True when token ``t`` may attend to
             cell ``c`` (same sequence, cell position ``<=`` the token's position, this ubatch's own
-            K/V included). Padding rows are all False. ``mem`` holds the stored K/V.
+            K/V included). Padding rows are all False. ``mem`` holds the stored K/V. ``k_all`` /
+            ``v_all`` are either shared by every token, ``[kv, ...]``, or per token,
+            ``[ubatch, kv, ...]`` (cell ``c`` of token ``t`` is ``k_all[t, c]``; e.g. each token's
+            own KV stream); the model handles both.
         """
         ...
 

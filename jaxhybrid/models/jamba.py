@@ -229,14 +229,16 @@ class JambaAttention(nnx.Module):
         v = self.v_proj(x).reshape(n_tok, nkv, hd)
         k_all, v_all, mask, mem = mem.kv(attn_layer, k, v)
         mask = mask & valid[:, None]
+        # K/V shared by every token ("c...") or per token ("tc...", see ModelMemory.kv).
+        kv = "tckd" if k_all.ndim == 4 else "ckd"
         # Query head h = kv_head * group + g reads KV head kv_head (transformers' repeat_kv).
-        scores = jnp.einsum("tkgd,ckd->kgtc", q, k_all.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.einsum(f"tkgd,{kv}->kgtc", q, k_all.astype(q.dtype)).astype(jnp.float32)
         scores = scores * (hd**-0.5)
         scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         # Rows that may see nothing (padding) read nothing instead of a uniform average.
         probs = jnp.where(jnp.any(mask, axis=-1)[None, None, :, None], probs, 0.0)
-        out = jnp.einsum("kgtc,ckd->tkgd", probs.astype(x.dtype), v_all.astype(x.dtype))
+        out = jnp.einsum(f"kgtc,{kv}->tkgd", probs.astype(x.dtype), v_all.astype(x.dtype))
         return self.o_proj(out.reshape(n_tok, self.n_heads * hd)), mem
 
 
