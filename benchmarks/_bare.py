@@ -5,8 +5,9 @@ Sequence ``s`` owns row ``s`` of every buffer; the K/V of position ``p`` live at
 the conv/SSM states are one per sequence. Every step decodes exactly one token per sequence, so
 there is nothing to plan or place. Attention runs over the leading power-of-two span of the
 positions in use (the same ``lax.switch`` over :func:`jaxhybrid.kv.n_kv_spans` as the hybrid
-memory), and the K/V rows and states are written after the switch, as the hybrid adapter does;
-the two therefore differ only in memory management.
+memory); a decode token attends over its own sequence's row only, and the K/V rows and states are
+written after the switch, as the hybrid adapter does with one KV stream per sequence; the two
+therefore differ only in memory management.
 """
 
 from __future__ import annotations
@@ -68,14 +69,21 @@ class _Bound:
         n_seq = self.state.k.shape[1]
         k_all = self.state.k[attn_layer, :, : self.span].at[self.tok_seq, self.tok_pos].set(k)
         v_all = self.state.v[attn_layer, :, : self.span].at[self.tok_seq, self.tok_pos].set(v)
+        rows = {**self.rows, ("kv", attn_layer): (k, v)}
+        bound = dataclasses.replace(self, rows=rows)
+        pos = jnp.arange(self.span, dtype=jnp.int32)
+        if k.shape[0] <= n_seq:
+            # Decoding: every token reads its own sequence's row (per-token K/V, see
+            # ModelMemory.kv), as the hybrid memory does with one stream per sequence.
+            mask = pos[None, :] <= self.tok_pos[:, None]
+            return k_all[self.tok_seq], v_all[self.tok_seq], mask, bound
+        # A prompt ubatch: every sequence's rows on one axis, masked to the token's own.
         cell_seq = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), self.span)
-        cell_pos = jnp.tile(jnp.arange(self.span, dtype=jnp.int32), n_seq)
+        cell_pos = jnp.tile(pos, n_seq)
         mask = (cell_seq[None, :] == self.tok_seq[:, None]) & (
             cell_pos[None, :] <= self.tok_pos[:, None]
         )
         shape = (n_seq * self.span, *k.shape[1:])
-        rows = {**self.rows, ("kv", attn_layer): (k, v)}
-        bound = dataclasses.replace(self, rows=rows)
         return k_all.reshape(shape), v_all.reshape(shape), mask, bound
 
     def ssm_states(self, mamba_layer: int):
@@ -113,18 +121,25 @@ MAX_NEW = 128
 
 
 @functools.partial(jax.jit, static_argnames="min_span", donate_argnames="state")
-def bare_generate(model, state: BareState, prompts, n_new, *, min_span: int = 256):
-    """Greedy generation of ``n_new`` (run-time, at most ``MAX_NEW``) tokens per sequence
-    (``prompts [seqs, P]``, all of one length): the prompt in one ubatch, then one token per
-    sequence per step. Returns ``[seqs, MAX_NEW]`` tokens (the first ``n_new`` are set)."""
+def bare_prefill(model, state: BareState, prompts, *, min_span: int = 256):
+    """Runs ``prompts [seqs, P]`` (all of one length) in one ubatch; returns the greedy next token
+    of every sequence and the state."""
     n_seq, p = prompts.shape
     spans = jkv.n_kv_spans(state.k.shape[2], min_span)
     seq = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), p)
     pos = jnp.tile(jnp.arange(p, dtype=jnp.int32), n_seq)
     logits, state = bare_step(model, state, prompts.reshape(-1), seq, pos, spans)
     tok = jnp.argmax(logits.reshape(n_seq, p, -1)[:, -1], axis=-1).astype(jnp.int32)
-    state = state._replace(length=state.length + p)
-    out = jnp.zeros((n_seq, MAX_NEW), jnp.int32).at[:, 0].set(tok)
+    return tok, state._replace(length=state.length + p)
+
+
+@functools.partial(jax.jit, static_argnames="min_span", donate_argnames="state")
+def bare_decode(model, state: BareState, tok, n_steps, *, min_span: int = 256):
+    """``n_steps`` (run-time, at most ``MAX_NEW``) greedy steps of one token per sequence from
+    ``tok [seqs]``; returns ``[seqs, MAX_NEW]`` tokens (the first ``n_steps`` are set) and the
+    state."""
+    n_seq = tok.shape[0]
+    spans = jkv.n_kv_spans(state.k.shape[2], min_span)
     seqs = jnp.arange(n_seq, dtype=jnp.int32)
 
     def body(i, carry):
@@ -133,5 +148,6 @@ def bare_generate(model, state: BareState, prompts, n_new, *, min_span: int = 25
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return tok, state._replace(length=state.length + 1), out.at[:, i].set(tok)
 
-    _, state, out = jax.lax.fori_loop(1, n_new, body, (tok, state, out))
+    out = jnp.zeros((n_seq, MAX_NEW), jnp.int32)
+    _, state, out = jax.lax.fori_loop(0, n_steps, body, (tok, state, out))
     return out, state

@@ -3,8 +3,9 @@ converter, decoded through llama-cpp-python's low-level C API with parallel sequ
 
 Setup (recorded in every result): f32 weights and f32 K/V (``type_k = type_v = GGML_TYPE_F32``),
 flash attention disabled, ``n_threads = n_threads_batch`` = the benchmark's thread count, one
-sequence id per sequence (``n_seq_max``), a unified KV cache of ``n_ctx = context * n_seq``
-cells, greedy argmax of the returned logits on the host (llama.cpp's own samplers do the same
+sequence id per sequence (``n_seq_max``), ``n_ctx = context * n_seq`` cells either in one unified
+KV stream (``kv_unified``) or in one stream of ``context`` cells per sequence (llama.cpp's
+default), greedy argmax of the returned logits on the host (llama.cpp's own samplers do the same
 work). llama-cpp-python is an optional benchmark dependency (extra ``bench``); when it or the
 converter is missing, :func:`available` says why and the peer is skipped.
 """
@@ -113,6 +114,7 @@ class LlamaCppPeer:
         threads: int,
         n_batch: int = 512,
         n_ubatch: int = 512,
+        unified: bool = True,
     ):
         L = _llama()
         self.L = L
@@ -132,7 +134,7 @@ class LlamaCppPeer:
         p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.type_k = L.GGML_TYPE_F32
         p.type_v = L.GGML_TYPE_F32
-        p.kv_unified = True
+        p.kv_unified = unified
         p.no_perf = True
         self.params = dict(
             n_ctx=int(p.n_ctx),
@@ -143,7 +145,7 @@ class LlamaCppPeer:
             flash_attn="disabled",
             type_k="f32",
             type_v="f32",
-            kv_unified=True,
+            kv_unified=unified,
             version=getattr(L, "__version__", "?"),
         )
         self.ctx = L.llama_init_from_model(self.model, p)

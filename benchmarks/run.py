@@ -11,8 +11,12 @@ spread over rounds is reported next to each time). Peers:
 - ``transformers``: ``JambaForCausalLM.generate`` (greedy, same weights, ``torch`` threads set).
 - ``llama.cpp``: llama-cpp-python built from source (``benchmarks/_llama_cpp.py``).
 
-Decode time per step is ``(T(n_new) - T(1)) / (n_new - 1)``: both runs include the same prompt,
-so the difference holds only decode steps.
+Decode time per step is ``(T(n) - T(1)) / (n - 1)`` of two runs of ``n`` and 1 decode steps after
+the same prompt, which is not timed (jaxhybrid, bare JAX and llama.cpp time their decode loop
+alone); ``generate()`` and transformers can only be timed whole, prompt included, and there the
+difference of ``n_new`` and 1 new tokens holds the ``n_new - 1`` decode steps. At several sequences
+jaxhybrid and llama.cpp run with both KV layouts: one unified stream (``kv_unified``), and one
+stream per sequence (`` streams``, llama.cpp's default).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 
 import jaxhybrid as jh
 from benchmarks import _llama_cpp as lcpp
-from benchmarks._bare import bare_generate, init_bare
+from benchmarks._bare import bare_decode, bare_prefill, init_bare
 from jaxhybrid.models import (
     Engine,
     JambaConfig,
@@ -100,37 +104,41 @@ def _timed(fn):
 # The jaxhybrid greedy loop
 
 
-def jh_generate(model, mem, prompts, *, cfg, n_new: int, n_ubatch: int, used_span: bool = True):
-    """Greedy generation through :func:`jaxhybrid.decode`: every prompt in one ubatch, then one
-    token per sequence per step (ubatches of ``n_ubatch``) in a ``fori_loop``. ``n_new`` is a
-    run-time value (up to ``MAX_NEW``), so timing 1 and ``n`` tokens shares one compilation."""
-    return _jh_generate(
-        model, mem, prompts, jnp.int32(n_new), cfg=cfg, n_ubatch=n_ubatch, used_span=used_span
+def _prompt_batch(prompts) -> jh.Batch:
+    n_seq, p = prompts.shape
+    return jh.Batch(
+        token=prompts.reshape(-1),
+        embd=None,
+        pos=jnp.tile(jnp.arange(p, dtype=jnp.int32), n_seq),
+        seq_id=jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), p)[:, None],
+        n_seq_id=jnp.ones((n_seq * p,), jnp.int32),
+        output=jnp.tile(jnp.arange(p) == p - 1, n_seq),
+        auto_pos=jnp.asarray(False),
+        n_tokens=jnp.asarray(n_seq * p, jnp.int32),
     )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "used_span"), donate_argnames="mem")
+def jh_prefill(model, mem, prompts, *, cfg, used_span: bool = True):
+    """Every prompt (``[seqs, P]``, one length) in one ubatch, as the bare loop does; returns the
+    greedy next token of every sequence, the memory and the decode status code."""
+    n_seq, p = prompts.shape
+    step = jamba_step_fn(None, cfg, used_span=used_span)
+    logits, mem, res = jh.decode(step, model, mem, _prompt_batch(prompts), cfg, n_ubatch=n_seq * p)
+    tok = jnp.argmax(logits.reshape(n_seq, p, -1)[:, -1], axis=-1).astype(jnp.int32)
+    return tok, mem, res.code
 
 
 MAX_NEW = 128
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_ubatch", "used_span"), donate_argnames="mem")
-def _jh_generate(model, mem, prompts, n_new, *, cfg, n_ubatch: int, used_span: bool):
-    n_seq, p = prompts.shape
+def jh_decode(model, mem, tok, n_steps, *, cfg, n_ubatch: int, used_span: bool = True):
+    """``n_steps`` (run-time, at most ``MAX_NEW``) greedy steps through :func:`jaxhybrid.decode`,
+    one token per sequence (ubatches of ``n_ubatch``), in a ``fori_loop``; returns ``[seqs,
+    MAX_NEW]`` tokens (the first ``n_steps`` set), the memory and the first non-zero status."""
+    n_seq = tok.shape[0]
     step = jamba_step_fn(None, cfg, used_span=used_span)
-    seq = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), p)
-    batch = jh.Batch(
-        token=prompts.reshape(-1),
-        embd=None,
-        pos=jnp.tile(jnp.arange(p, dtype=jnp.int32), n_seq),
-        seq_id=seq[:, None],
-        n_seq_id=jnp.ones((n_seq * p,), jnp.int32),
-        output=jnp.tile(jnp.arange(p) == p - 1, n_seq),
-        auto_pos=jnp.asarray(False),
-        n_tokens=jnp.asarray(n_seq * p, jnp.int32),
-    )
-    # The prompts in one ubatch, as the bare loop does; decode steps use ``n_ubatch``.
-    logits, mem, res = jh.decode(step, model, mem, batch, cfg, n_ubatch=n_seq * p)
-    tok = jnp.argmax(logits.reshape(n_seq, p, -1)[:, -1], axis=-1).astype(jnp.int32)
-    out = jnp.zeros((n_seq, MAX_NEW), jnp.int32).at[:, 0].set(tok)
     seqs = jnp.arange(n_seq, dtype=jnp.int32)
 
     def body(i, carry):
@@ -145,12 +153,32 @@ def _jh_generate(model, mem, prompts, n_new, *, cfg, n_ubatch: int, used_span: b
             auto_pos=jnp.asarray(True),
             n_tokens=jnp.asarray(n_seq, jnp.int32),
         )
-        logits, mem, res = jh.decode(step, model, mem, b, cfg, n_ubatch=n_seq)
+        logits, mem, res = jh.decode(step, model, mem, b, cfg, n_ubatch=n_ubatch)
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return tok, mem, out.at[:, i].set(tok), jnp.where(code == 0, res.code, code)
 
-    _, mem, out, code = jax.lax.fori_loop(1, n_new, body, (tok, mem, out, res.code))
+    out = jnp.zeros((n_seq, MAX_NEW), jnp.int32)
+    _, mem, out, code = jax.lax.fori_loop(0, n_steps, body, (tok, mem, out, jnp.int32(0)))
     return out, mem, code
+
+
+def jh_decode_time(model, cfg, prompts, n_steps: int, *, n_ubatch: int, used_span: bool = True):
+    """Seconds of ``n_steps`` greedy decode steps after the prompts (prefill not timed), and the
+    generated tokens ``[seqs, 1 + n_steps]``."""
+    mem = jh.init_hybrid(cfg)
+    tok, mem, code = _block(
+        jh_prefill(model, mem, jnp.asarray(prompts), cfg=cfg, used_span=used_span)
+    )
+    assert int(code) == 0
+    t = time.perf_counter()
+    out, _, code = _block(
+        jh_decode(
+            model, mem, tok, jnp.int32(n_steps), cfg=cfg, n_ubatch=n_ubatch, used_span=used_span
+        )
+    )
+    dt = time.perf_counter() - t
+    assert int(code) == 0
+    return dt, np.concatenate([np.asarray(tok)[:, None], np.asarray(out)[:, :n_steps]], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,99 +205,127 @@ def _prompts(n_seq: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
 
 
 def bench_decode(ctx: Ctx) -> list[dict]:
+    """Decode steps of every peer; at several sequences both KV layouts (one unified stream, and
+    one stream per sequence: llama.cpp's default) for jaxhybrid and llama.cpp."""
     a = ctx.args
     rows = []
+    n_new = a.new_tokens
+    n_steps = n_new - 1  # the first new token comes from the prompt's logits
     for n_seq in a.decode_seqs:
         prompts = _prompts(n_seq, a.prompt, ctx.config.vocab_size, seed=n_seq)
-        n_new = a.new_tokens
-        cfg = jamba_hybrid_config(ctx.config, kv_size=a.context * n_seq, n_seq_max=n_seq)
-        peers = {}
-
-        def jh_loop(n, cfg=cfg, prompts=prompts, n_seq=n_seq):
-            mem = jh.init_hybrid(cfg)
-            _block(mem)
-            t = time.perf_counter()
-            out, _, code = _block(
-                jh_generate(ctx.model, mem, jnp.asarray(prompts), cfg=cfg, n_new=n, n_ubatch=n_seq)
+        layouts = {"": True} if n_seq == 1 else {"": True, " streams": False}
+        # Peers timing their decode steps only: fn(steps) -> (seconds, tokens [seqs, 1 + steps]).
+        steps: dict = {}
+        # Peers timed as a whole generate() call: fn(new) -> (seconds, tokens [seqs, new]).
+        whole: dict = {}
+        for suffix, unified in layouts.items():
+            cfg = jamba_hybrid_config(
+                ctx.config,
+                kv_size=a.context * (n_seq if unified else 1),
+                n_seq_max=n_seq,
+                unified=unified,
             )
-            dt = time.perf_counter() - t
-            assert int(code) == 0
-            return dt, np.asarray(out)[:, :n]
 
-        def jh_api(n, cfg=cfg, prompts=prompts, n_seq=n_seq):
-            mem = jh.init_hybrid(cfg)
-            _block(mem)
-            t = time.perf_counter()
-            out = _block(
-                generate(
-                    ctx.model,
-                    mem,
-                    prompts.tolist(),
-                    cfg=cfg,
-                    n_ubatch=n_seq,
-                    max_new_tokens=n,
-                    max_new=a.new_tokens,
+            def jh_loop(n, cfg=cfg, prompts=prompts, n_seq=n_seq):
+                return jh_decode_time(ctx.model, cfg, prompts, n, n_ubatch=n_seq)
+
+            steps["jaxhybrid" + suffix] = jh_loop
+
+        if a.api_peer:
+            cfg = jamba_hybrid_config(ctx.config, kv_size=a.context * n_seq, n_seq_max=n_seq)
+
+            def jh_api(n, cfg=cfg, prompts=prompts, n_seq=n_seq):
+                mem = _block(jh.init_hybrid(cfg))
+                t = time.perf_counter()
+                out = _block(
+                    generate(
+                        ctx.model,
+                        mem,
+                        prompts.tolist(),
+                        cfg=cfg,
+                        n_ubatch=n_seq,
+                        max_new_tokens=n,
+                        max_new=a.new_tokens,
+                    )
                 )
-            )
-            dt = time.perf_counter() - t
-            assert int(out.code) == 0
-            return dt, np.asarray(out.tokens)
+                dt = time.perf_counter() - t
+                assert int(out.code) == 0
+                return dt, np.asarray(out.tokens)
+
+            whole["jaxhybrid generate()"] = jh_api
 
         def bare(n, prompts=prompts, n_seq=n_seq):
-            state = _block(init_bare(ctx.config, n_seq=n_seq, n_ctx=a.context))
+            state = init_bare(ctx.config, n_seq=n_seq, n_ctx=a.context)
+            tok, state = _block(bare_prefill(ctx.model, state, jnp.asarray(prompts)))
             t = time.perf_counter()
-            out, _ = _block(bare_generate(ctx.model, state, jnp.asarray(prompts), jnp.int32(n)))
-            return time.perf_counter() - t, np.asarray(out)[:, :n]
+            out, _ = _block(bare_decode(ctx.model, state, tok, jnp.int32(n)))
+            dt = time.perf_counter() - t
+            return dt, np.concatenate([np.asarray(tok)[:, None], np.asarray(out)[:, :n]], axis=1)
 
-        peers["jaxhybrid"] = jh_loop
-        if a.api_peer:
-            peers["jaxhybrid generate()"] = jh_api
-        peers["bare JAX"] = bare
+        steps["bare JAX"] = bare
         if not a.no_transformers:
-            peers["transformers"] = _hf_peer(ctx, prompts)
-        llama = None
+            whole["transformers"] = _hf_peer(ctx, prompts)
+        llamas = []
         if ctx.llama_skip is None:
-            llama = lcpp.LlamaCppPeer(
-                ctx.gguf, n_seq=n_seq, n_ctx_seq=a.context, threads=a.threads, n_ubatch=512
-            )
+            for suffix, unified in layouts.items():
+                llama = lcpp.LlamaCppPeer(
+                    ctx.gguf,
+                    n_seq=n_seq,
+                    n_ctx_seq=a.context,
+                    threads=a.threads,
+                    n_ubatch=512,
+                    unified=unified,
+                )
+                llamas.append(llama)
 
-            def llama_run(n, prompts=prompts, llama=llama):
-                t = time.perf_counter()
-                out, _ = llama.generate(prompts.tolist(), n)
-                return time.perf_counter() - t, np.asarray(out)
+                def llama_run(n, prompts=prompts, llama=llama):
+                    out, dt = llama.generate(prompts.tolist(), n + 1)
+                    return dt, np.asarray(out)
 
-            peers["llama.cpp"] = llama_run
+                steps["llama.cpp" + suffix] = llama_run
 
-        # Warm-up (compiles), then rounds of (n_new, 1) per peer, interleaved.
+        # Warm-up (compiles), then rounds, peers interleaved. Step peers: n_steps and 1 step;
+        # whole peers: n_new and 1 new token (the difference holds n_new - 1 = n_steps steps).
         tokens = {}
-        for name, fn in peers.items():
+        for name, fn in steps.items():
+            fn(1)
+            _, tokens[name] = fn(n_steps)
+        for name, fn in whole.items():
             fn(1)
             _, tokens[name] = fn(n_new)
         rounds = Rounds()
-        for _ in range(a.rounds):
-            for name, fn in peers.items():
-                if name == "transformers" and rounds.times.get(name + "/n", []):
+        for r in range(a.rounds):
+            for name, fn in steps.items():
+                rounds.add(name + "/n", fn(n_steps)[0])
+                rounds.add(name + "/1", fn(1)[0])
+            for name, fn in whole.items():
+                if name == "transformers" and r:
                     continue  # one round: it is two orders of magnitude slower
                 rounds.add(name + "/n", fn(n_new)[0])
                 rounds.add(name + "/1", fn(1)[0])
-        if llama is not None:
+        for llama in llamas:
             llama.close()
         ref = tokens["bare JAX"]
         step = {}
-        for name in peers:
-            step[name] = (rounds.best(name + "/n") - rounds.best(name + "/1")) / (n_new - 1)
+        for name in (*steps, *whole):
+            n = n_steps - 1 if name in steps else n_steps
+            step[name] = (rounds.best(name + "/n") - rounds.best(name + "/1")) / n
             if step[name] <= 0:  # the decode steps drowned in the noise of the prompt's run
                 step[name] = float("nan")
-        for name in peers:
+        for name in (*steps, *whole):
+            same_layout = "jaxhybrid streams" if name.endswith("streams") else "jaxhybrid"
             rows.append(
                 dict(
                     n_seq=n_seq,
                     peer=name,
+                    timed="decode steps" if name in steps else "whole generate",
                     ms_per_step=step[name] * 1e3,
                     tok_per_s=n_seq / step[name],
                     spread=rounds.spread(name + "/n"),
                     rounds=len(rounds.times[name + "/n"]),
-                    jaxhybrid_speedup=step[name] / step["jaxhybrid"],
+                    jaxhybrid_speedup=step[name] / step[same_layout],
+                    best_jaxhybrid_speedup=step[name]
+                    / min(step[k] for k in steps if k.startswith("jaxhybrid")),
                     same_tokens_as_bare=bool(np.array_equal(tokens[name], ref)),
                 )
             )
@@ -315,21 +371,7 @@ def bench_kv_scaling(ctx: Ctx) -> list[dict]:
         cfg = jamba_hybrid_config(ctx.config, kv_size=kv_size, n_seq_max=1)
 
         def run(n, cfg=cfg, used_span=used_span):
-            mem = _block(jh.init_hybrid(cfg))
-            t = time.perf_counter()
-            _, _, code = _block(
-                jh_generate(
-                    ctx.model,
-                    mem,
-                    jnp.asarray(prompt),
-                    cfg=cfg,
-                    n_new=n,
-                    n_ubatch=1,
-                    used_span=used_span,
-                )
-            )
-            assert int(code) == 0
-            return time.perf_counter() - t
+            return jh_decode_time(ctx.model, cfg, prompt, n, n_ubatch=1, used_span=used_span)[0]
 
         fns[(kv_size, used_span)] = run
     for fn in fns.values():
@@ -366,15 +408,7 @@ def bench_scaling_table(ctx: Ctx) -> list[dict]:
             cfg = jamba_hybrid_config(ctx.config, kv_size=kv_size, n_seq_max=n_seq)
 
             def run(n, cfg=cfg, prompts=prompts, n_seq=n_seq):
-                mem = _block(jh.init_hybrid(cfg))
-                t = time.perf_counter()
-                _, _, code = _block(
-                    jh_generate(
-                        ctx.model, mem, jnp.asarray(prompts), cfg=cfg, n_new=n, n_ubatch=n_seq
-                    )
-                )
-                assert int(code) == 0
-                return time.perf_counter() - t
+                return jh_decode_time(ctx.model, cfg, prompts, n, n_ubatch=n_seq)[0]
 
             fns[(n_seq, kv_size)] = run
     for fn in fns.values():
@@ -685,7 +719,8 @@ def _report(res: dict) -> str:
                     ("peer", "peer", ""),
                     ("ms_per_step", "ms/step", ".3f"),
                     ("tok_per_s", "tok/s", ",.0f"),
-                    ("jaxhybrid_speedup", "jaxhybrid speed-up", ".2f"),
+                    ("jaxhybrid_speedup", "jaxhybrid speed-up (same layout)", ".2f"),
+                    ("best_jaxhybrid_speedup", "best jaxhybrid speed-up", ".2f"),
                     ("spread", "spread", ".0%"),
                     ("same_tokens_as_bare", "same tokens", ""),
                 ],
