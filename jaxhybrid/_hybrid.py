@@ -337,6 +337,24 @@ def init_batch(
         ``(plan, status)``: SUCCESS, or FAILED_PREPARE when the batch cannot be split completely
         or either part has no room.
     """
+    plan, status, _ = _init_batch(
+        mem, batch, cfg, n_ubatch=n_ubatch, embd_all=embd_all, max_ubatches=max_ubatches
+    )
+    return plan, status
+
+
+def _init_batch(
+    mem: HybridMemory,
+    batch: Batch,
+    cfg: HybridConfig,
+    *,
+    n_ubatch: int,
+    embd_all: bool = False,
+    max_ubatches: int | None = None,
+    record: bool = False,
+) -> tuple[UBatchPlan, Scalar, kvc.KVSlot | None]:
+    """:func:`init_batch`, also returning the KV slot of every ubatch when ``record`` (see
+    :func:`jaxhybrid.kv.prepare_slots`)."""
     if embd_all:
         kind, sequential = SplitKind.SEQ, False
     else:
@@ -350,10 +368,12 @@ def init_batch(
         max_ubatches=max_ubatches,
     )
     ok_r, _ = rec.prepare(mem.recr, batch, plan, cfg.recurrent, n_ubatch=n_ubatch)
-    ok_a, _ = kvc.prepare(mem.kv, batch, plan, cfg.kv, n_ubatch=n_ubatch)
+    ok_a, _, slots = kvc.prepare_slots(
+        mem.kv, batch, plan, cfg.kv, n_ubatch=n_ubatch, record=record
+    )
     ok = plan.complete & ok_r & ok_a
     status = jnp.where(ok, MemoryStatus.SUCCESS, MemoryStatus.FAILED_PREPARE).astype(_I32)
-    return plan, status
+    return plan, status, slots
 
 
 def init_full(mem: HybridMemory, cfg: HybridConfig) -> Scalar:
@@ -432,7 +452,13 @@ def apply_ubatch(
     for every ubatch of a SUCCESS plan applied in order to the memory that was planned against.
     """
     ub = get_ubatch(batch, plan, u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
-    slot = kvc.find_slot(mem.kv, ub, cfg.kv)
+    return _apply_ubatch(mem, ub, kvc.find_slot(mem.kv, ub, cfg.kv), cfg)
+
+
+def _apply_ubatch(
+    mem: HybridMemory, ub: UBatch, slot: kvc.KVSlot, cfg: HybridConfig
+) -> tuple[HybridMemory, UBatch, Placement]:
+    """:func:`apply_ubatch` with the ubatch's KV slot already found."""
     kv = kvc.apply_ubatch(mem.kv, ub, slot, cfg.kv)
     recr, rslot = rec.find_slot(mem.recr, ub, cfg.recurrent)
     mask = kvc.kq_mask(kv, ub, slot, cfg.kv)
@@ -584,8 +610,15 @@ def decode(
     batch, check = validate(
         batch, lo, hi, n_seq_max=cfg.n_seq_max, n_vocab=n_vocab, output_all=embd_all
     )
-    plan, status = init_batch(
-        mem, batch, cfg, n_ubatch=n_ubatch, embd_all=embd_all, max_ubatches=max_ubatches
+    # The dry run keeps the KV slot of every ubatch, so applying them does not search again.
+    plan, status, slots = _init_batch(
+        mem,
+        batch,
+        cfg,
+        n_ubatch=n_ubatch,
+        embd_all=embd_all,
+        max_ubatches=max_ubatches,
+        record=True,
     )
     valid_batch = check.code == BatchErrorCode.OK
     ok = valid_batch & (status == MemoryStatus.SUCCESS)
@@ -606,7 +639,8 @@ def decode(
 
         def body(carry):
             u, m, outs = carry
-            m, ub, place = apply_ubatch(m, batch, plan, u, cfg, n_ubatch=n_ubatch)
+            ub = get_ubatch(batch, plan, u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
+            m, ub, place = _apply_ubatch(m, ub, jax.tree.map(lambda a: a[u], slots), cfg)
             step_out, m = step_fn(params, ub, m, place)
             rows = jnp.where(ub.output, ub.batch_idx, n_batch)
             outs = jax.tree.map(

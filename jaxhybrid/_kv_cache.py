@@ -434,22 +434,50 @@ def prepare(
     with :func:`find_slot` + :func:`apply_ubatch` reproduces the dry run. ``plan.complete`` is
     not checked here.
     """
+    ok, failed, _ = prepare_slots(cache, batch, plan, cfg, n_ubatch=n_ubatch, record=False)
+    return ok, failed
+
+
+def prepare_slots(
+    cache: KVCache,
+    batch: Batch,
+    plan: UBatchPlan,
+    cfg: KVConfig,
+    *,
+    n_ubatch: int,
+    record: bool = True,
+) -> tuple[ScalarBool, Scalar, KVSlot | None]:
+    """:func:`prepare` that also returns the slot of every ubatch it placed, stacked on a leading
+    axis of ``plan``'s ubatch capacity (None unless ``record``).
+
+    Applying ubatch ``u`` of a successful dry run with :func:`apply_ubatch` and slot ``u`` gives
+    what :func:`find_slot` + :func:`apply_ubatch` give (placement is deterministic), without
+    searching the cells again.
+    """
     _check_cache(cache, cfg)
+    n_rec = plan.start.shape[0] if record else 0
+    slots = KVSlot(
+        stream=jnp.zeros((n_rec, n_ubatch), _I32),
+        cell=jnp.zeros((n_rec, n_ubatch), _I32),
+        ok=jnp.zeros((n_rec,), jnp.bool_),
+    )
 
     def cond(carry):
-        u, _, ok, _ = carry
+        u, _, ok, _, _ = carry
         return ok & (u < plan.n_ubatches)
 
     def body(carry):
-        u, cells, _, _ = carry
+        u, cells, _, _, slots = carry
         ub = get_ubatch(batch, plan, u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
         slot = _find_slot(cells, ub, cfg)
         cells = _apply_ubatch(cells, ub, slot, cfg)
-        return u + 1, cells, slot.ok, jnp.where(slot.ok, -1, u).astype(_I32)
+        if record:
+            slots = jax.tree.map(lambda all_, one: all_.at[u].set(one), slots, slot)
+        return u + 1, cells, slot.ok, jnp.where(slot.ok, -1, u).astype(_I32), slots
 
-    init = (_i32(0), cache.cells, jnp.bool_(True), _i32(-1))
-    _, _, ok, failed = jax.lax.while_loop(cond, body, init)
-    return ok, failed
+    init = (_i32(0), cache.cells, jnp.bool_(True), _i32(-1), slots)
+    _, _, ok, failed, slots = jax.lax.while_loop(cond, body, init)
+    return ok, failed, slots if record else None
 
 
 # --------------------------------------------------------------------------------------------

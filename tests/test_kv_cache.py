@@ -58,7 +58,8 @@ def _fns(b: Bucket):
         batch, check = validate(batch, pmin, pmax, n_seq_max=n_seq)
         plan = _plan(batch, cfg, b.n_ubatch, b.split)
         ok, failed = kvc.prepare(cache, batch, plan, cfg, n_ubatch=b.n_ubatch)
-        return batch, check.code, plan, ok, failed
+        ok2, failed2, slots = kvc.prepare_slots(cache, batch, plan, cfg, n_ubatch=b.n_ubatch)
+        return batch, check.code, plan, ok, failed, (ok2 == ok) & (failed2 == failed), slots
 
     @jax.jit
     def ubatch_fn(batch, plan, u):
@@ -164,9 +165,10 @@ class _Runner:
     def decode(self):
         fns, rng, ref = self.fns, self.rng, self.ref
         batch = _random_batch(rng, ref, self.b)
-        batch, code, plan, ok, failed = fns["plan"](self.cache, batch)
+        batch, code, plan, ok, failed, same, slots = fns["plan"](self.cache, batch)
         if int(code) != 0:
             return
+        assert bool(same)  # prepare_slots' dry run is prepare's
         assert bool(plan.complete)
         ubs = [fns["ubatch"](batch, plan, u) for u in range(int(plan.n_ubatches))]
         toks = [_tokens(ub) for ub in ubs]
@@ -174,8 +176,17 @@ class _Runner:
         # Then the dry run agrees with the reference (ok and the failing ubatch)
         assert (bool(ok), int(failed)) == (ref_ok, ref_failed)
         start_cache, start_ref = self.cache, ref.copy()
-        for ub, tk in zip(ubs, toks, strict=True):
+        for u, (ub, tk) in enumerate(zip(ubs, toks, strict=True)):
             new, slot, mask = fns["place"](self.cache, ub, self.uid)
+            if bool(ok):
+                # The slot the dry run recorded is the one the search finds when applying
+                valid = np.asarray(ub.valid)
+                for name in ("stream", "cell"):
+                    np.testing.assert_array_equal(
+                        np.asarray(getattr(slots, name))[u][valid],
+                        np.asarray(getattr(slot, name))[valid],
+                    )
+                assert bool(slots.ok[u]) and bool(slot.ok)
             ref_slot = ref.find_slot(tk)
             if ref_slot is None:
                 # A ubatch that does not fit: ok=False, nothing changes; roll back the batch.
