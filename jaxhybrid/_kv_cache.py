@@ -349,7 +349,7 @@ def _nth_usable(
     counts: _BlockCounts, head: Int[Array, " streams"], stream: Int[Array, " n"], rank
 ) -> Int[Array, " n"]:
     """The cell of the ``rank``-th usable cell of ``stream`` in circular order from that stream's
-    ``head``, for every entry (wrapping around when fewer are usable)."""
+    ``head``, for every entry (wrapping around when fewer are usable; 0 when none is)."""
     blocks, per_block, upto, total = counts
     n_blocks = per_block.shape[1]
     # Usable cells below head: the blocks before head's, and the part of head's block below it.
@@ -367,7 +367,8 @@ def _nth_usable(
     within = target - (upto[stream, blk] - per_block[stream, blk])
     inside = _prefix_count(blocks[stream, blk])
     offset = jnp.sum(inside <= within[:, None], axis=1, dtype=_I32)
-    return blk * _BLOCK + offset
+    # A stream without usable cells has no answer; 0 keeps the index in range.
+    return jnp.where(total[stream] > 0, blk * _BLOCK + offset, 0)
 
 
 def find_slot(cache: KVCache, ubatch: UBatch, cfg: KVConfig) -> KVSlot:
