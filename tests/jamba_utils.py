@@ -11,27 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxhybrid.models import DenseMemory, forward, init_dense_memory
+from jaxhybrid.models._demo import TINY_JAMBA
 
-# Attention at layers 1 and 3, MoE (4 experts, top 2) at layers 1 and 3, GQA 4 query / 2 KV heads.
-MOE_GQA = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    attn_layer_period=2,
-    attn_layer_offset=1,
-    expert_layer_period=2,
-    expert_layer_offset=1,
-    num_experts=4,
-    num_experts_per_tok=2,
-    mamba_d_state=16,
-    mamba_d_conv=4,
-    mamba_expand=2,
-    mamba_dt_rank=8,
-    tie_word_embeddings=False,
-)
+# Attention at layers 1 and 3, MoE (4 experts, top 2) at layers 1 and 3, GQA 4 query / 2 KV heads:
+# the demo's tiny Jamba with transformers' default init range (init_jamba draws from it).
+MOE_GQA = {k: v for k, v in TINY_JAMBA.items() if k != "initializer_range"}
+MOE_GQA["tie_word_embeddings"] = False
 
 # Dense MLPs, multi-head attention (no grouping), tied embeddings, the other bias choices,
 # attention first (offset 0) and a wider conv.

@@ -22,6 +22,8 @@ from jax.sharding import PartitionSpec as P
 
 pytest.importorskip("flax.nnx")
 
+import jamba_utils as ju
+
 import jaxhybrid as jh
 from jaxhybrid.models import (
     GenerateOutput,
@@ -40,25 +42,13 @@ pytestmark = pytest.mark.skipif(
 
 # Every head count, d_inner and the stream count divide 8, 4 and 2. Layer 0 is Mamba with a
 # dense MLP, layer 1 attention with a mixture of experts.
-JAMBA = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    head_dim=8,
-    attn_layer_period=2,
-    attn_layer_offset=1,
-    expert_layer_period=2,
-    expert_layer_offset=1,
-    num_experts=4,
-    num_experts_per_tok=2,
-    mamba_d_state=16,
-    mamba_d_conv=4,
-    mamba_expand=2,
-    mamba_dt_rank=8,
-)
+JAMBA = {
+    **ju.MOE_GQA,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "head_dim": 8,
+}
 N_SEQ = 8
 KV_SIZE = 32  # cells per stream
 N_UBATCH = 8
