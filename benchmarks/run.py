@@ -94,12 +94,6 @@ class Rounds:
         return (max(t) - min(t)) / min(t) if len(t) > 1 else 0.0
 
 
-def _timed(fn):
-    t = time.perf_counter()
-    _block(fn())
-    return time.perf_counter() - t
-
-
 # --------------------------------------------------------------------------------------------
 # The jaxhybrid greedy loop
 
@@ -361,6 +355,20 @@ def _hf_peer(ctx: Ctx, prompts: np.ndarray):
 # 3: cost follows used cells
 
 
+def _step_seconds(fns: dict, n: int, n_rounds: int) -> tuple[dict, Rounds]:
+    """Seconds per decode step of every ``fns[key](steps) -> seconds``: a warm-up, then
+    ``n_rounds`` rounds of ``n`` and 1 steps, peers interleaved; ``(T(n) - T(1)) / (n - 1)`` of
+    the best times."""
+    for fn in fns.values():
+        fn(1), fn(n)
+    rounds = Rounds()
+    for _ in range(n_rounds):
+        for key, fn in fns.items():
+            rounds.add(f"{key}/n", fn(n))
+            rounds.add(f"{key}/1", fn(1))
+    return {k: (rounds.best(f"{k}/n") - rounds.best(f"{k}/1")) / (n - 1) for k in fns}, rounds
+
+
 def bench_kv_scaling(ctx: Ctx) -> list[dict]:
     a = ctx.args
     prompt = _prompts(1, 192, ctx.config.vocab_size, seed=7)
@@ -374,14 +382,7 @@ def bench_kv_scaling(ctx: Ctx) -> list[dict]:
             return jh_decode_time(ctx.model, cfg, prompt, n, n_ubatch=1, used_span=used_span)[0]
 
         fns[(kv_size, used_span)] = run
-    for fn in fns.values():
-        fn(1), fn(n_new)
-    rounds = Rounds()
-    for _ in range(a.rounds):
-        for key, fn in fns.items():
-            rounds.add(f"{key}/n", fn(n_new))
-            rounds.add(f"{key}/1", fn(1))
-    step = {k: (rounds.best(f"{k}/n") - rounds.best(f"{k}/1")) / (n_new - 1) for k in fns}
+    step, rounds = _step_seconds(fns, n_new, a.rounds)
     base = step[(256, True)]
     return [
         dict(
@@ -411,22 +412,14 @@ def bench_scaling_table(ctx: Ctx) -> list[dict]:
                 return jh_decode_time(ctx.model, cfg, prompts, n, n_ubatch=n_seq)[0]
 
             fns[(n_seq, kv_size)] = run
-    for fn in fns.values():
-        fn(1), fn(n_new)
-    rounds = Rounds()
-    for _ in range(a.rounds):
-        for key, fn in fns.items():
-            rounds.add(f"{key}/n", fn(n_new))
-            rounds.add(f"{key}/1", fn(1))
-    for n_seq, kv_size in fns:
-        k = (n_seq, kv_size)
-        s = (rounds.best(f"{k}/n") - rounds.best(f"{k}/1")) / (n_new - 1)
+    step, rounds = _step_seconds(fns, n_new, a.rounds)
+    for k, sec in step.items():
         rows.append(
             dict(
-                n_seq=n_seq,
-                kv_size=kv_size,
-                ms_per_step=s * 1e3,
-                tok_per_s=n_seq / s,
+                n_seq=k[0],
+                kv_size=k[1],
+                ms_per_step=sec * 1e3,
+                tok_per_s=k[0] / sec,
                 spread=rounds.spread(f"{k}/n"),
             )
         )
