@@ -186,3 +186,18 @@ def _direct(params, tokens, pos, kept, spec: ModelSpec):
     mask = kept[None, :] & (p0 <= p1) & ~swa
     att = _attend(q, k, v, mask)
     return (x + att @ params["wo"]) @ params["head"]
+
+
+@functools.cache
+def decoder(cfg: jh.HybridConfig, n_ubatch: int, *, donate: bool = True):
+    """:func:`jaxhybrid.decode` of this model, jitted once per config and ubatch size; the memory
+    is donated unless ``donate`` is False (tests that keep the input memory to compare)."""
+    dec = functools.partial(
+        jh.decode,
+        functools.partial(step, cfg=cfg),
+        cfg=cfg,
+        n_ubatch=n_ubatch,
+        n_vocab=VOCAB,
+        rope_fn=ROPE_FN,
+    )
+    return jax.jit(dec, donate_argnums=(1,) if donate else ())

@@ -29,17 +29,6 @@ def _config(unified: bool, spec: hm.ModelSpec, kv_size: int = KV_SIZE) -> jh.Hyb
 
 
 @functools.cache
-def _decoder(cfg: jh.HybridConfig, n_ubatch: int):
-    step = functools.partial(hm.step, cfg=cfg)
-    return jax.jit(
-        functools.partial(
-            jh.decode, step, cfg=cfg, n_ubatch=n_ubatch, n_vocab=hm.VOCAB, rope_fn=hm.ROPE_FN
-        ),
-        donate_argnums=(1,),
-    )
-
-
-@functools.cache
 def _ops(cfg: jh.HybridConfig):
     return dict(
         rm=jax.jit(functools.partial(jh.seq_rm, cfg=cfg)),
@@ -133,7 +122,7 @@ def _run_scenario(seed: int, unified: bool, spec: hm.ModelSpec, n_steps: int = 1
         toks = [int(t) for t in rng.integers(0, hm.VOCAB, size=len(queue))]
         n_ubatch = int(rng.choice([2, 4, 8]))
         batch = jh.make_batch(toks, seq_ids=queue, output_all=True, n_batch=N_BATCH)
-        logits, mem, res = _decoder(cfg, n_ubatch)(params, mem, batch)
+        logits, mem, res = hm.decoder(cfg, n_ubatch)(params, mem, batch)
         if int(res.code) == 1:  # no room: free the longest sequence and go on
             s = max(live, key=lambda q: len(shadow.h[q]["tokens"]))
             mem, ok = ops["rm"](mem, s, -1, -1)
@@ -195,22 +184,12 @@ def _trees_equal(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
 
 
-@functools.cache
-def _plain_decoder(cfg: jh.HybridConfig, n_ubatch: int):
-    step = functools.partial(hm.step, cfg=cfg)
-    return jax.jit(
-        functools.partial(
-            jh.decode, step, cfg=cfg, n_ubatch=n_ubatch, n_vocab=hm.VOCAB, rope_fn=hm.ROPE_FN
-        )
-    )
-
-
 def _filled_memory(cfg, params, rng, n_tokens=6):
     """A memory holding a few tokens of sequences 0 and 1."""
     mem = jh.init_hybrid(cfg)
     toks = [int(t) for t in rng.integers(0, hm.VOCAB, size=n_tokens)]
     batch = jh.make_batch(toks, seq_ids=[i % 2 for i in range(n_tokens)], n_batch=N_BATCH)
-    _, mem, res = _plain_decoder(cfg, 4)(params, mem, batch)
+    _, mem, res = hm.decoder(cfg, 4, donate=False)(params, mem, batch)
     jh.raise_for_result(res)
     return mem
 
@@ -221,7 +200,7 @@ def test_failed_decodes_and_refused_removals_leave_memory_bit_identical(unified)
     cfg = _config(unified, hm.ModelSpec(), kv_size=16)
     params = hm.init_params(1)
     rng = np.random.default_rng(5)
-    decoder = _plain_decoder(cfg, 4)
+    decoder = hm.decoder(cfg, 4, donate=False)
     ops = _ops(cfg)
     n_failures = dict(invalid=0, no_slot=0, refused=0)
     for trial in range(30):

@@ -31,23 +31,13 @@ def _config(unified: bool, n_snapshots: int = H) -> jh.HybridConfig:
 
 
 @functools.cache
-def _decoder(cfg: jh.HybridConfig, n_ubatch: int):
-    step = functools.partial(hm.step, cfg=cfg)
-    return jax.jit(
-        functools.partial(
-            jh.decode, step, cfg=cfg, n_ubatch=n_ubatch, n_vocab=hm.VOCAB, rope_fn=hm.ROPE_FN
-        )
-    )
-
-
-@functools.cache
 def _seq_rm(cfg):
     return jax.jit(functools.partial(jh.seq_rm, cfg=cfg))
 
 
 def _decode(cfg, n_ubatch, params, mem, tokens, seqs, pos):
     batch = jh.make_batch(tokens, seq_ids=seqs, pos=pos, output_all=True, n_batch=N_BATCH)
-    out, mem, res = _decoder(cfg, n_ubatch)(params, mem, batch)
+    out, mem, res = hm.decoder(cfg, n_ubatch, donate=False)(params, mem, batch)
     jh.raise_for_result(res)
     return np.asarray(out)[: len(tokens)], mem
 
@@ -166,7 +156,7 @@ def test_random_rollbacks_equal_a_memory_that_never_saw_the_tokens(unified):
         n_forked_rollbacks,
     )
     # One compilation per ubatch size, whatever the rollbacks did
-    assert all(_decoder(cfg, n)._cache_size() <= 1 for n in (2, 4, 8))
+    assert all(hm.decoder(cfg, n, donate=False)._cache_size() <= 1 for n in (2, 4, 8))
 
 
 @pytest.mark.parametrize("r", [1, 3, H])
@@ -324,6 +314,6 @@ def test_snapshots_do_not_make_coupled_sequences_look_diverged():
     assert int(jh.seq_pos_min(mem, 0, cfg)) != int(jh.seq_pos_min(mem, 1, cfg))
     # When a token shared by both is decoded, then the batch is valid (§6.2 coupling rule)
     batch = jh.make_batch([8], seq_ids=[[0, 1]], pos=[7], n_batch=N_BATCH)
-    _, mem, res = _decoder(cfg, 4)(params, mem, batch)
+    _, mem, res = hm.decoder(cfg, 4, donate=False)(params, mem, batch)
     jh.raise_for_result(res)
     assert int(jh.seq_pos_max(mem, 1, cfg)) == 7
