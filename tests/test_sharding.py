@@ -422,8 +422,6 @@ def _saved(mem: jh.HybridMemory) -> list:
 
 def test_state_round_trip_on_sharded_memory(jamba):
     _, _, cfg, _, _, filled = jamba
-    if not hasattr(jh, "state_write"):
-        pytest.skip("jh.state_write is not there yet")
     mesh = _mesh((2, 4))
     mem = jh.shard_memory(filled, cfg, mesh)
     # When the whole sharded memory is saved and restored into an empty sharded memory
@@ -440,8 +438,6 @@ def test_state_round_trip_on_sharded_memory(jamba):
 
 def test_sequence_state_round_trip_on_sharded_memory(jamba):
     _, _, cfg, _, _, filled = jamba
-    if not hasattr(jh, "state_write"):
-        pytest.skip("jh.state_write is not there yet")
     mesh = _mesh((2, 4))
     mem = jh.shard_memory(filled, cfg, mesh)
     # When one sequence is saved and restored into another id
