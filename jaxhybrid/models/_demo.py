@@ -467,9 +467,9 @@ def _progress_text(name: str, step: int, eng: Engine) -> str:
     return f"  [{name:>12}] step {step:4d} | " + " ".join(cells)
 
 
-def _warm_up(mdl: _Model, cfg, args, prompts, n_prompt: int, n_stop: int) -> None:
-    """Compiles every jitted function of the session on a throwaway engine."""
-    eng = Engine(
+def _engine(mdl: _Model, cfg, args, n_prompt: int, n_stop: int) -> Engine:
+    """The session's engine; the warm-up builds one with the same static settings."""
+    return Engine(
         mdl.model,
         cfg,
         n_ubatch=args.n_ubatch,
@@ -478,6 +478,11 @@ def _warm_up(mdl: _Model, cfg, args, prompts, n_prompt: int, n_stop: int) -> Non
         n_ctx_seq=args.ctx,
         n_keep=args.n_keep,
     )
+
+
+def _warm_up(mdl: _Model, cfg, args, prompts, n_prompt: int, n_stop: int) -> None:
+    """Compiles every jitted function of the session on a throwaway engine."""
+    eng = _engine(mdl, cfg, args, n_prompt, n_stop)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     a = eng.submit(prompts[0], args.ctx + 2, stop_tokens=mdl.stop_tokens, **kw)
     eng.step()
@@ -525,15 +530,7 @@ def run_session(args, mdl: _Model, out: TextIO = sys.stdout) -> DemoResult:
     phases["compile"].note = "every jitted function, once"
     pr.line(f"compiled in {phases['compile'].seconds:.1f} s")
 
-    eng = Engine(
-        mdl.model,
-        cfg,
-        n_ubatch=args.n_ubatch,
-        n_prompt=n_prompt,
-        n_stop=n_stop,
-        n_ctx_seq=args.ctx,
-        n_keep=args.n_keep,
-    )
+    eng = _engine(mdl, cfg, args, n_prompt, n_stop)
     kw = dict(
         stop_tokens=mdl.stop_tokens,
         temperature=args.temperature,
