@@ -177,11 +177,11 @@ def snapshot_cost(config, horizons=(0, 4, 8, 16)) -> list[dict]:
         shapes = jax.eval_shape(lambda cfg=cfg: jh.init_hybrid(cfg))
         nbytes = {
             name: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(part))
-            for name, part in (("kv", shapes.kv), ("recurrent", shapes.recr))
+            for name, part in (("kv", shapes.kv), ("recurrent", shapes.recurrent))
         }
         snap = sum(
             x.size * x.dtype.itemsize
-            for x in (shapes.recr.snap_r, shapes.recr.snap_s)
+            for x in (shapes.recurrent.snap_r, shapes.recurrent.snap_s)
             if x is not None
         )
         rows.append(dict(n_snapshots=h, snapshot_bytes=snap, **nbytes))

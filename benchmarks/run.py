@@ -613,7 +613,7 @@ def _buffer_report(config: JambaConfig, kv_size: int, n_seq: int, label: str) ->
         n_seq=n_seq,
         theoretical_bytes=theory,
         buffer_bytes=total,
-        data_bytes=_tree_bytes((mem.kv.k, mem.kv.v, mem.recr.r, mem.recr.s)),
+        data_bytes=_tree_bytes((mem.kv.k, mem.kv.v, mem.recurrent.r, mem.recurrent.s)),
         metadata_overhead=(total - theory) / theory,
     )
 

@@ -14,7 +14,7 @@ an exception on the host.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -345,6 +345,217 @@ def _assign_positions(
     return jnp.where(_valid_tokens(batch), pos, 0)
 
 
+class _Facts(NamedTuple):
+    """What the validation rules read: the batch (positions assigned) and what is derived from it
+    once for all rules. ``n_vocab`` is static (None: no token-id check)."""
+
+    batch: Batch
+    valid: Bool[Array, " batch"]
+    cols_ok: Bool[Array, "batch seq_ids"]
+    member: Bool[Array, "batch seqs"]
+    # Per token and sequence: the sequence's previous position in the batch before the token
+    # (exclusive running max, -1 for none; positions are >= 0 when it is read).
+    prev: Int[Array, "batch seqs"]
+    seq_pos_min: Int[Array, " seqs"]
+    seq_pos_max: Int[Array, " seqs"]
+    n_vocab: int | None
+
+
+class _Finding(NamedTuple):
+    """One rule's verdict: whether it failed, and where (fields as in :class:`BatchCheck`)."""
+
+    failed: ScalarBool
+    token: Scalar
+    seq: Scalar
+    expected: Scalar
+    found: Scalar
+
+
+def _finding(failed, token=-1, seq=-1, expected=-1, found=-1) -> _Finding:
+    i32 = jnp.int32
+    return _Finding(
+        jnp.asarray(failed, jnp.bool_),
+        *(jnp.asarray(x).astype(i32) for x in (token, seq, expected, found)),
+    )
+
+
+def _first_cell(bad: Bool[Array, "batch cols"]) -> tuple[ScalarBool, Scalar, Scalar, Scalar]:
+    """The first token with a bad cell: ``(any, token or -1, that token's first bad column or
+    -1, the row to read details from)``."""
+    any_, t = _first_true(jnp.any(bad, axis=1))
+    row = jnp.maximum(t, 0)
+    col = jnp.argmax(bad[row]).astype(jnp.int32)
+    return any_, t, jnp.where(any_, col, -1), row
+
+
+# Rules, one per error code (§6.2, Q2). Each returns a _Finding; the details of a rule that does
+# not fail are never read.
+
+
+def _rule_empty(f: _Facts) -> _Finding:
+    return _finding(f.batch.n_tokens <= 0, expected=1, found=f.batch.n_tokens)
+
+
+def _rule_too_many_tokens(f: _Facts) -> _Finding:
+    n_batch = f.batch.capacity
+    return _finding(f.batch.n_tokens > n_batch, expected=n_batch, found=f.batch.n_tokens)
+
+
+def _rule_token_out_of_range(f: _Facts) -> _Finding:
+    b = f.batch
+    if f.n_vocab is None or b.embd is not None:  # static: embeddings have no token ids
+        return _finding(False)
+    any_, t = _first_true(f.valid & ((b.token < 0) | (b.token >= f.n_vocab)))
+    return _finding(any_, t, expected=f.n_vocab, found=b.token[jnp.maximum(t, 0)])
+
+
+def _rule_no_seq_id(f: _Facts) -> _Finding:
+    b = f.batch
+    any_, t = _first_true(f.valid & ((b.n_seq_id < 1) | (b.n_seq_id > b.seq_id.shape[1])))
+    return _finding(any_, t, expected=1, found=b.n_seq_id[jnp.maximum(t, 0)])
+
+
+def _rule_seq_id_out_of_range(f: _Facts) -> _Finding:
+    b, n_seq_max = f.batch, f.member.shape[1]
+    any_, t, _, row = _first_cell(f.cols_ok & ((b.seq_id < 0) | (b.seq_id >= n_seq_max)))
+    bad_cell = f.cols_ok[row] & ((b.seq_id[row] < 0) | (b.seq_id[row] >= n_seq_max))
+    bad_id = b.seq_id[row, jnp.argmax(bad_cell)]
+    return _finding(any_, t, bad_id, n_seq_max, bad_id)
+
+
+def _rule_duplicate_seq_id(f: _Facts) -> _Finding:
+    ids, ok = f.batch.seq_id, f.cols_ok
+    same = (ids[:, :, None] == ids[:, None, :]) & (ok[:, :, None] & ok[:, None, :])
+    dup_cell = jnp.any(same & ~jnp.eye(ids.shape[1], dtype=bool)[None], axis=2)
+    any_, t, _, row = _first_cell(dup_cell)
+    dup_id = ids[row, jnp.argmax(dup_cell[row])]
+    return _finding(any_, t, dup_id, -1, dup_id)
+
+
+def _rule_negative_position(f: _Facts) -> _Finding:
+    b = f.batch
+    any_, t = _first_true(f.valid & ~b.auto_pos & (b.pos < 0))
+    return _finding(any_, t, expected=0, found=b.pos[jnp.maximum(t, 0)])
+
+
+def _position_finding(f: _Facts, bad: Bool[Array, "batch seqs"], expected) -> _Finding:
+    """A per-(token, sequence) position rule: ``expected[token, seq]`` vs the token's position."""
+    any_, t, s, row = _first_cell(bad)
+    return _finding(any_, t, s, expected[row, jnp.maximum(s, 0)], f.batch.pos[row])
+
+
+def _rule_position_not_increasing(f: _Facts) -> _Finding:
+    bad = f.member & (f.prev >= 0) & (f.batch.pos[:, None] <= f.prev)
+    return _position_finding(f, bad, f.prev + 1)
+
+
+def _rule_position_not_consecutive(f: _Facts) -> _Finding:
+    # The first token of each sequence in the batch must continue memory (if memory holds it).
+    mem_max = f.seq_pos_max[None, :]
+    is_first = f.member & (f.prev < 0)
+    bad = is_first & (mem_max >= 0) & (f.batch.pos[:, None] != mem_max + 1)
+    return _position_finding(f, bad, jnp.broadcast_to(mem_max + 1, f.prev.shape))
+
+
+def _rule_position_gap(f: _Facts) -> _Finding:
+    bad = f.member & (f.prev >= 0) & (f.batch.pos[:, None] != f.prev + 1)
+    return _position_finding(f, bad, f.prev + 1)
+
+
+def _rule_coupled_diverged(f: _Facts) -> _Finding:
+    # §6.2.7: a token lists its primary first and others later -> memory ranges must agree.
+    n_seq_max = f.member.shape[1]
+    lo, hi = f.seq_pos_min, f.seq_pos_max
+    primary = jnp.clip(f.batch.seq_id[:, 0], 0, n_seq_max - 1)
+    p_min, p_max = lo[primary], hi[primary]
+    bad = (
+        f.member
+        & (jnp.arange(n_seq_max)[None, :] != primary[:, None])
+        & ((lo[None, :] != p_min[:, None]) | (hi[None, :] != p_max[:, None]))
+    )
+    any_, t, s, row = _first_cell(bad)
+    s0 = jnp.maximum(s, 0)
+    # Report the maxima when they differ, else the minima.
+    max_differs = hi[s0] != p_max[row]
+    return _finding(
+        any_,
+        t,
+        s,
+        jnp.where(max_differs, p_max[row], p_min[row]),
+        jnp.where(max_differs, hi[s0], lo[s0]),
+    )
+
+
+def _rule_seq_sets_not_nested(f: _Facts) -> _Finding:
+    # Q2: sets sharing a sequence must be nested. i32 matmuls count shared members and members
+    # of one set missing from the other.
+    mi = f.member.astype(jnp.int32)
+    shared = mi @ mi.T
+    i_not_in_j = mi @ (1 - mi).T
+    conflict = (shared > 0) & (i_not_in_j > 0) & (i_not_in_j.T > 0)
+    idx = jnp.arange(f.batch.capacity)
+    earlier = idx[None, :] < idx[:, None]  # [j, i]: i earlier than j
+    any_, t, other, row = _first_cell(conflict & earlier)
+    s = jnp.argmax(f.member[row] & f.member[jnp.maximum(other, 0)])
+    return _finding(any_, t, jnp.where(any_, s, -1), -1, other)
+
+
+class _Rule(NamedTuple):
+    code: BatchErrorCode
+    check: Callable[[_Facts], _Finding]
+
+
+# In precedence order, which is the order of the codes: the first failing rule is reported.
+_RULES: tuple[_Rule, ...] = (
+    _Rule(BatchErrorCode.EMPTY, _rule_empty),
+    _Rule(BatchErrorCode.TOO_MANY_TOKENS, _rule_too_many_tokens),
+    _Rule(BatchErrorCode.TOKEN_OUT_OF_RANGE, _rule_token_out_of_range),
+    _Rule(BatchErrorCode.NO_SEQ_ID, _rule_no_seq_id),
+    _Rule(BatchErrorCode.SEQ_ID_OUT_OF_RANGE, _rule_seq_id_out_of_range),
+    _Rule(BatchErrorCode.DUPLICATE_SEQ_ID, _rule_duplicate_seq_id),
+    _Rule(BatchErrorCode.NEGATIVE_POSITION, _rule_negative_position),
+    _Rule(BatchErrorCode.POSITION_NOT_INCREASING, _rule_position_not_increasing),
+    _Rule(BatchErrorCode.POSITION_NOT_CONSECUTIVE, _rule_position_not_consecutive),
+    _Rule(BatchErrorCode.POSITION_GAP, _rule_position_gap),
+    _Rule(BatchErrorCode.COUPLED_DIVERGED, _rule_coupled_diverged),
+    _Rule(BatchErrorCode.SEQ_SETS_NOT_NESTED, _rule_seq_sets_not_nested),
+)
+
+
+def _first_failing(rules: Sequence[_Rule], facts: _Facts) -> BatchCheck:
+    """The :class:`BatchCheck` of the first failing rule in table order (OK when none fails)."""
+    findings = [rule.check(facts) for rule in rules]
+    failed = jnp.stack([x.failed for x in findings])
+    details = jnp.stack([jnp.stack(x[1:]) for x in findings])  # [rules, 4]
+    codes = jnp.asarray([int(rule.code) for rule in rules], jnp.int32)
+    any_ = jnp.any(failed)
+    first = jnp.argmax(failed)
+    token, seq, expected, found = jnp.where(any_, details[first], -1)
+    return BatchCheck(jnp.where(any_, codes[first], 0), token, seq, expected, found)
+
+
+def _facts(
+    batch: Batch,
+    seq_pos_min: Int[Array, " seqs"],
+    seq_pos_max: Int[Array, " seqs"],
+    n_seq_max: int,
+    n_vocab: int | None,
+) -> _Facts:
+    member = seq_membership(batch, n_seq_max)
+    running = jax.lax.cummax(jnp.where(member, batch.pos[:, None], -1), axis=0)
+    prev = jnp.concatenate([jnp.full((1, n_seq_max), -1, jnp.int32), running[:-1]], axis=0)
+    return _Facts(
+        batch=batch,
+        valid=_valid_tokens(batch),
+        cols_ok=_seq_columns_valid(batch),
+        member=member,
+        prev=prev,
+        seq_pos_min=seq_pos_min,
+        seq_pos_max=seq_pos_max,
+        n_vocab=n_vocab,
+    )
+
+
 def validate(
     batch: Batch,
     seq_pos_min: Int[Array, " seqs"],
@@ -382,144 +593,13 @@ def validate(
             f"seq_pos_min/max must have shape {chex_shape}, "
             f"got {seq_pos_min.shape} and {seq_pos_max.shape}"
         )
-    n_batch = batch.capacity
-    i32 = jnp.int32
     valid = _valid_tokens(batch)
-    idx = jnp.arange(n_batch, dtype=i32)
-    cols_ok = _seq_columns_valid(batch)
     member = seq_membership(batch, n_seq_max)
-
-    pos = jnp.where(
-        batch.auto_pos, _assign_positions(batch, member, seq_pos_max), batch.pos
-    ).astype(i32)
+    pos = jnp.where(batch.auto_pos, _assign_positions(batch, member, seq_pos_max), batch.pos)
     output = batch.output | (valid if output_all else False)
-    batch = batch._replace(pos=jnp.where(valid, pos, 0), output=output & valid)
-
-    # Each rule yields (failed, token, seq, expected, found); the first failing rule wins.
-    rules = []
-    minus1 = jnp.int32(-1)
-
-    rules.append((batch.n_tokens <= 0, minus1, minus1, i32(1), batch.n_tokens))
-    rules.append((batch.n_tokens > n_batch, minus1, minus1, i32(n_batch), batch.n_tokens))
-
-    if n_vocab is not None and batch.embd is None:
-        bad = valid & ((batch.token < 0) | (batch.token >= n_vocab))
-        any_, t = _first_true(bad)
-        rules.append((any_, t, minus1, i32(n_vocab), batch.token[jnp.maximum(t, 0)]))
-
-    bad = valid & ((batch.n_seq_id < 1) | (batch.n_seq_id > batch.seq_id.shape[1]))
-    any_, t = _first_true(bad)
-    rules.append((any_, t, minus1, i32(1), batch.n_seq_id[jnp.maximum(t, 0)]))
-
-    bad_cell = cols_ok & ((batch.seq_id < 0) | (batch.seq_id >= n_seq_max))
-    any_, t = _first_true(jnp.any(bad_cell, axis=1))
-    row = jnp.maximum(t, 0)
-    bad_id = batch.seq_id[row, jnp.argmax(bad_cell[row])]
-    rules.append((any_, t, bad_id, i32(n_seq_max), bad_id))
-
-    same = (batch.seq_id[:, :, None] == batch.seq_id[:, None, :]) & (
-        cols_ok[:, :, None] & cols_ok[:, None, :]
-    )
-    k = batch.seq_id.shape[1]
-    dup_cell = jnp.any(same & ~jnp.eye(k, dtype=bool)[None], axis=2)
-    any_, t = _first_true(jnp.any(dup_cell, axis=1))
-    row = jnp.maximum(t, 0)
-    dup_id = batch.seq_id[row, jnp.argmax(dup_cell[row])]
-    rules.append((any_, t, dup_id, minus1, dup_id))
-
-    bad = valid & ~batch.auto_pos & (batch.pos < 0)
-    any_, t = _first_true(bad)
-    rules.append((any_, t, minus1, i32(0), batch.pos[jnp.maximum(t, 0)]))
-
-    # Per-sequence position rules, on [n_batch, n_seq_max]: the previous position of each
-    # sequence before token i (exclusive running max; positions are >= 0 here).
-    member_pos = jnp.where(member, batch.pos[:, None], -1)
-    running = jax.lax.cummax(member_pos, axis=0)
-    prev = jnp.concatenate([jnp.full((1, n_seq_max), -1, i32), running[:-1]], axis=0)
-    has_prev = prev >= 0
-
-    def first_cell(bad_cells):
-        any_, t = _first_true(jnp.any(bad_cells, axis=1))
-        row = jnp.maximum(t, 0)
-        s = jnp.argmax(bad_cells[row]).astype(i32)
-        return any_, t, jnp.where(any_, s, -1), row, s
-
-    bad_cells = member & has_prev & (batch.pos[:, None] <= prev)
-    any_, t, s, row, s0 = first_cell(bad_cells)
-    rules.append((any_, t, s, prev[row, s0] + 1, batch.pos[row]))
-
-    # First token of each sequence in the batch must continue memory (if memory holds it).
-    is_first = member & ~has_prev
-    bad_cells = (
-        is_first & (seq_pos_max[None, :] >= 0) & (batch.pos[:, None] != seq_pos_max[None, :] + 1)
-    )
-    any_, t, s, row, s0 = first_cell(bad_cells)
-    rules.append((any_, t, s, seq_pos_max[s0] + 1, batch.pos[row]))
-
-    bad_cells = member & has_prev & (batch.pos[:, None] != prev + 1)
-    any_, t, s, row, s0 = first_cell(bad_cells)
-    rules.append((any_, t, s, prev[row, s0] + 1, batch.pos[row]))
-
-    # Coupling (§6.2.7): token lists s0 first and s1 later -> memory ranges must agree.
-    primary = jnp.clip(batch.seq_id[:, 0], 0, n_seq_max - 1)
-    p_min, p_max = seq_pos_min[primary], seq_pos_max[primary]
-    bad_cells = (
-        member
-        & (jnp.arange(n_seq_max)[None, :] != primary[:, None])
-        & ((seq_pos_min[None, :] != p_min[:, None]) | (seq_pos_max[None, :] != p_max[:, None]))
-    )
-    any_, t, s, row, s0 = first_cell(bad_cells)
-    max_differs = seq_pos_max[s0] != p_max[row]
-    rules.append(
-        (
-            any_,
-            t,
-            s,
-            jnp.where(max_differs, p_max[row], p_min[row]),
-            jnp.where(max_differs, seq_pos_max[s0], seq_pos_min[s0]),
-        )
-    )
-
-    # Nesting (Q2): sets sharing a sequence must be nested. i32 matmuls count shared members and
-    # members of one set missing from the other.
-    mi = member.astype(i32)
-    shared = mi @ mi.T
-    i_not_in_j = mi @ (1 - mi).T
-    conflict = (shared > 0) & (i_not_in_j > 0) & (i_not_in_j.T > 0)
-    earlier = idx[None, :] < idx[:, None]  # [j, i]: i earlier than j
-    conflict_j = conflict & earlier
-    any_, t = _first_true(jnp.any(conflict_j, axis=1))
-    row = jnp.maximum(t, 0)
-    other = jnp.argmax(conflict_j[row]).astype(i32)
-    s = jnp.argmax(member[row] & member[other]).astype(i32)
-    rules.append((any_, t, jnp.where(any_, s, -1), minus1, jnp.where(any_, other, -1)))
-
-    codes = [
-        BatchErrorCode.EMPTY,
-        BatchErrorCode.TOO_MANY_TOKENS,
-        *(
-            [BatchErrorCode.TOKEN_OUT_OF_RANGE]
-            if n_vocab is not None and batch.embd is None
-            else []
-        ),
-        BatchErrorCode.NO_SEQ_ID,
-        BatchErrorCode.SEQ_ID_OUT_OF_RANGE,
-        BatchErrorCode.DUPLICATE_SEQ_ID,
-        BatchErrorCode.NEGATIVE_POSITION,
-        BatchErrorCode.POSITION_NOT_INCREASING,
-        BatchErrorCode.POSITION_NOT_CONSECUTIVE,
-        BatchErrorCode.POSITION_GAP,
-        BatchErrorCode.COUPLED_DIVERGED,
-        BatchErrorCode.SEQ_SETS_NOT_NESTED,
-    ]
-    assert len(codes) == len(rules)
-    check = BatchCheck(i32(0), minus1, minus1, minus1, minus1)
-    for code, (failed, t, s, exp, found) in reversed(list(zip(codes, rules, strict=True))):
-        new = BatchCheck(i32(code), t, s, exp, found)
-        check = jax.tree.map(
-            lambda a, b, failed=failed: jnp.where(failed, a, b).astype(i32), new, check
-        )
-    return batch, check
+    batch = batch._replace(pos=jnp.where(valid, pos.astype(jnp.int32), 0), output=output & valid)
+    facts = _facts(batch, seq_pos_min, seq_pos_max, n_seq_max, n_vocab)
+    return batch, _first_failing(_RULES, facts)
 
 
 # --------------------------------------------------------------------------------------------

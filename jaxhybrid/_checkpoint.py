@@ -48,7 +48,7 @@ def checkpoint(mem: HybridMemory, seq, cfg: HybridConfig) -> Checkpoint:
         >>> int(jh.checkpoint(jh.init_hybrid(cfg), 0, cfg).pos)
         -1
     """
-    cells = mem.recr.cells
+    cells = mem.recurrent.cells
     seq = jnp.asarray(seq, jnp.int32)
     valid = (seq >= 0) & (seq < cfg.n_seq_max)
     t = cells.tail[jnp.clip(seq, 0, cfg.n_seq_max - 1)]
@@ -56,8 +56,8 @@ def checkpoint(mem: HybridMemory, seq, cfg: HybridConfig) -> Checkpoint:
     has = valid & (t >= 0)
     return Checkpoint(
         pos=jnp.where(has, cells.pos[tc], -1),
-        r=jnp.where(has, mem.recr.r[:, tc], 0).astype(mem.recr.r.dtype),
-        s=jnp.where(has, mem.recr.s[:, tc], 0).astype(mem.recr.s.dtype),
+        r=jnp.where(has, mem.recurrent.r[:, tc], 0).astype(mem.recurrent.r.dtype),
+        s=jnp.where(has, mem.recurrent.s[:, tc], 0).astype(mem.recurrent.s.dtype),
     )
 
 
@@ -79,6 +79,6 @@ def restore_checkpoint(
     kv_max = kvc.seq_pos_max(mem.kv, seq, cfg.kv)
     reach = (ckpt.pos >= 0) & (ckpt.pos <= kv_max)
     kv, ok_a = kvc.seq_rm(mem.kv, seq, ckpt.pos + 1, -1, cfg.kv)
-    recr, ok_r = rec.put_state(mem.recr, seq, ckpt.pos, ckpt.r, ckpt.s, cfg.recurrent)
+    recr, ok_r = rec.put_state(mem.recurrent, seq, ckpt.pos, ckpt.r, ckpt.s, cfg.recurrent)
     ok = reach & ok_a & ok_r
     return select_tree(ok, HybridMemory(kv, recr), mem), ok

@@ -140,7 +140,7 @@ class HybridConfig:
             >>> cfg = HybridConfig.from_layers(
             ...     [True, False, True, True], KVConfig(kv_size=16), RecurrentConfig()
             ... )
-            >>> cfg.attn_layers, cfg.recr_layers
+            >>> cfg.attn_layers, cfg.recurrent_layers
             ((1,), (0, 2, 3))
         """
         flags = [bool(x) for x in layer_is_recurrent]
@@ -170,7 +170,7 @@ class HybridConfig:
         return tuple(i for i, k in enumerate(self.layer_kinds) if k == LayerKind.ATTENTION)
 
     @property
-    def recr_layers(self) -> tuple[int, ...]:
+    def recurrent_layers(self) -> tuple[int, ...]:
         """Model layers served by the recurrent part, in order."""
         return tuple(i for i, k in enumerate(self.layer_kinds) if k == LayerKind.RECURRENT)
 
@@ -182,7 +182,7 @@ class HybridConfig:
         if kind == LayerKind.ATTENTION:
             return kind, self.attn_layers.index(layer)
         if kind == LayerKind.RECURRENT:
-            return kind, self.recr_layers.index(layer)
+            return kind, self.recurrent_layers.index(layer)
         return kind, -1
 
     @property
@@ -196,7 +196,7 @@ class HybridMemory(NamedTuple):
     """The attention part and the recurrent part (§7.1)."""
 
     kv: kvc.KVCache
-    recr: rec.RecurrentMemory
+    recurrent: rec.RecurrentMemory
 
 
 def init_hybrid(cfg: HybridConfig) -> HybridMemory:
@@ -216,7 +216,7 @@ def seq_pos_range(
     recurrent minimum is the oldest kept state (``snapshots=False``: its last position, as in
     llama.cpp)."""
     a_min, a_max = kvc.seq_pos_range(mem.kv, cfg.kv)
-    r_min, r_max = rec.seq_pos_range(mem.recr, cfg.recurrent, snapshots=snapshots)
+    r_min, r_max = rec.seq_pos_range(mem.recurrent, cfg.recurrent, snapshots=snapshots)
     missing = (a_max < 0) | (r_max < 0)
     return jnp.maximum(a_min, r_min), jnp.where(missing, -1, jnp.minimum(a_max, r_max))
 
@@ -253,7 +253,7 @@ def seq_rm(mem: HybridMemory, seq, p0, p1, cfg: HybridConfig) -> tuple[HybridMem
     a state, §5.7.1) nothing changes at all (DESIGN.md difference 2). A middle or leading range of
     a live sequence succeeds and trims only the attention part (the state cannot forget).
     """
-    recr, ok_r = rec.seq_rm(mem.recr, seq, p0, p1, cfg.recurrent)
+    recr, ok_r = rec.seq_rm(mem.recurrent, seq, p0, p1, cfg.recurrent)
     kv, ok_a = kvc.seq_rm(mem.kv, seq, p0, p1, cfg.kv)
     ok = ok_r & ok_a
     return _select(ok, HybridMemory(kv, recr), mem), ok
@@ -261,7 +261,7 @@ def seq_rm(mem: HybridMemory, seq, p0, p1, cfg: HybridConfig) -> tuple[HybridMem
 
 def _both(mem: HybridMemory, kv_op, recr_op) -> tuple[HybridMemory, ScalarBool]:
     kv, ok_a = kv_op(mem.kv)
-    recr, ok_r = recr_op(mem.recr)
+    recr, ok_r = recr_op(mem.recurrent)
     ok = ok_a & ok_r
     return _select(ok, HybridMemory(kv, recr), mem), ok
 
@@ -311,7 +311,7 @@ def seq_div(
 
 def clear(mem: HybridMemory, data: bool = True) -> HybridMemory:
     """Empties both parts (and zeroes their buffers when ``data``)."""
-    return HybridMemory(kvc.clear(mem.kv, data), rec.clear(mem.recr, data))
+    return HybridMemory(kvc.clear(mem.kv, data), rec.clear(mem.recurrent, data))
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def _init_batch(
         sequential=sequential,
         max_ubatches=max_ubatches,
     )
-    ok_r, _ = rec.prepare(mem.recr, batch, plan, cfg.recurrent, n_ubatch=n_ubatch)
+    ok_r, _ = rec.prepare(mem.recurrent, batch, plan, cfg.recurrent, n_ubatch=n_ubatch)
     ok_a, _, slots = kvc.prepare_slots(
         mem.kv, batch, plan, cfg.kv, n_ubatch=n_ubatch, record=record
     )
@@ -419,7 +419,7 @@ class Placement(NamedTuple):
     Attributes:
         kv: the KV cell (and stream) of every token.
         mask: ``[n_ubatch, n_stream * kv_size]`` visibility of every cell for every token (§3.3).
-        recr: recurrent source/destination cell of every seq set.
+        recurrent: recurrent source/destination cell of every seq set.
         seq_set: seq set of every token (-1 for padding).
         valid: real tokens.
         n_kv: one past the highest used cell over all streams after placing this ubatch
@@ -430,7 +430,7 @@ class Placement(NamedTuple):
 
     kv: kvc.KVSlot
     mask: Bool[Array, "ubatch kv"]
-    recr: rec.RecurrentSlot
+    recurrent: rec.RecurrentSlot
     seq_set: Int[Array, " ubatch"]
     valid: Bool[Array, " ubatch"]
     n_kv: Scalar | None = None
@@ -460,12 +460,12 @@ def _apply_ubatch(
 ) -> tuple[HybridMemory, UBatch, Placement]:
     """:func:`apply_ubatch` with the ubatch's KV slot already found."""
     kv = kvc.apply_ubatch(mem.kv, ub, slot, cfg.kv)
-    recr, rslot = rec.find_slot(mem.recr, ub, cfg.recurrent)
+    recr, rslot = rec.find_slot(mem.recurrent, ub, cfg.recurrent)
     mask = kvc.kq_mask(kv, ub, slot, cfg.kv)
     place = Placement(
         kv=slot,
         mask=mask,
-        recr=rslot,
+        recurrent=rslot,
         seq_set=ub.seq_set,
         valid=ub.valid,
         n_kv=kvc.used_span(kv),
@@ -521,7 +521,7 @@ def read_states(
     mem: HybridMemory, cfg: HybridConfig, layer: int, place: Placement
 ) -> tuple[Array, Array]:
     """Initial ``(r, s)`` state of every seq set for recurrent model layer ``layer``."""
-    return rec.read_states(mem.recr, _sub(cfg, layer, LayerKind.RECURRENT), place.recr)
+    return rec.read_states(mem.recurrent, _sub(cfg, layer, LayerKind.RECURRENT), place.recurrent)
 
 
 def write_states(
@@ -540,8 +540,10 @@ def write_states(
     with rollback snapshots (``n_snapshots > 0``) also the per-token states ``r_tok`` / ``s_tok``
     they are taken from (see :func:`jaxhybrid.recurrent.write_states`)."""
     il = _sub(cfg, layer, LayerKind.RECURRENT)
-    recr = rec.write_states(mem.recr, il, place.recr, r, s, n_seqs, r_tok=r_tok, s_tok=s_tok)
-    return mem._replace(recr=recr)
+    recr = rec.write_states(
+        mem.recurrent, il, place.recurrent, r, s, n_seqs, r_tok=r_tok, s_tok=s_tok
+    )
+    return mem._replace(recurrent=recr)
 
 
 # --------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ def memory_partition_specs(
     """The :class:`~jaxhybrid.HybridMemory` of partition specs (see the module docstring)."""
     return HybridMemory(
         kv=kv_partition_specs(cfg.kv, mesh, model_axis=model_axis, data_axis=data_axis),
-        recr=recurrent_partition_specs(
+        recurrent=recurrent_partition_specs(
             cfg.recurrent,
             mesh,
             model_axis=model_axis,

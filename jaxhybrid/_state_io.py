@@ -271,7 +271,7 @@ def _parts(mem: Memory, cfg: Config, flags: StateFlags):
     if isinstance(mem, RecurrentMemory):
         return None, (mem, cfg)
     kv = None if flags & StateFlags.PARTIAL_ONLY else (mem.kv, cfg.kv)
-    return kv, (mem.recr, cfg.recurrent)
+    return kv, (mem.recurrent, cfg.recurrent)
 
 
 def _check_seq(seq_id: int, n_seq_max: int) -> int:

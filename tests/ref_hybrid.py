@@ -14,40 +14,44 @@ from ref_recurrent import RefRecurrent, SeqSet
 class RefHybrid:
     def __init__(self, kv: RefKV, recr: RefRecurrent):
         self.kv = kv
-        self.recr = recr
+        self.recurrent = recr
         self.n_seq_max = kv.n_seq_max
 
     def pos_range(self, s: int) -> tuple[int, int]:
         """§7.6: min = max of the parts, max = min of the parts, -1 if either lacks ``s``."""
         a = (self.kv.seq_pos_min(s), self.kv.seq_pos_max(s))
-        r = self.recr.pos_range(s)
+        r = self.recurrent.pos_range(s)
         hi = -1 if a[1] < 0 or r[1] < 0 else min(a[1], r[1])
         return max(a[0], r[0]), hi
 
     def _atomic(self, kv_op, recr_op) -> bool:
-        snap = (copy.deepcopy(self.kv), copy.deepcopy(self.recr))
+        snap = (copy.deepcopy(self.kv), copy.deepcopy(self.recurrent))
         ok = bool(recr_op()) & bool(kv_op())
         if not ok:
-            self.kv, self.recr = snap
+            self.kv, self.recurrent = snap
         return ok
 
     def seq_rm(self, s, p0, p1):
-        return self._atomic(lambda: self.kv.seq_rm(s, p0, p1), lambda: self.recr.seq_rm(s, p0, p1))
+        return self._atomic(
+            lambda: self.kv.seq_rm(s, p0, p1), lambda: self.recurrent.seq_rm(s, p0, p1)
+        )
 
     def seq_cp(self, a, b, p0, p1):
-        return self._atomic(lambda: self.kv.seq_cp(a, b, p0, p1), lambda: self.recr.seq_cp(a, b))
+        return self._atomic(
+            lambda: self.kv.seq_cp(a, b, p0, p1), lambda: self.recurrent.seq_cp(a, b)
+        )
 
     def seq_keep(self, s):
-        return self._atomic(lambda: self.kv.seq_keep(s), lambda: self.recr.seq_keep(s))
+        return self._atomic(lambda: self.kv.seq_keep(s), lambda: self.recurrent.seq_keep(s))
 
     def seq_add(self, s, p0, p1, d):
         return self._atomic(
-            lambda: self.kv.seq_add(s, p0, p1, d), lambda: self.recr.seq_add(s, p0, p1, d)
+            lambda: self.kv.seq_add(s, p0, p1, d), lambda: self.recurrent.seq_add(s, p0, p1, d)
         )
 
     def seq_div(self, s, p0, p1, d):
         return self._atomic(
-            lambda: self.kv.seq_div(s, p0, p1, d), lambda: self.recr.seq_div(s, p0, p1, d)
+            lambda: self.kv.seq_div(s, p0, p1, d), lambda: self.recurrent.seq_div(s, p0, p1, d)
         )
 
     def decode(self, b: rb.RefBatch, n_vocab: int, n_ubatch: int) -> int:
@@ -77,10 +81,10 @@ class RefHybrid:
                 )
             recr_ubs.append(sets)
         # §7.3: recurrent part first, attention second; both dry runs.
-        if not self.recr.prepare(recr_ubs)[0] or not self.kv.prepare(kv_ubs)[0]:
+        if not self.recurrent.prepare(recr_ubs)[0] or not self.kv.prepare(kv_ubs)[0]:
             return 1
         for tokens, sets in zip(kv_ubs, recr_ubs, strict=True):
             self.kv.apply_ubatch(tokens, self.kv.find_slot(tokens))
-            ok, _ = self.recr.find_slot(sets)
+            ok, _ = self.recurrent.find_slot(sets)
             assert ok
         return 0

@@ -78,7 +78,7 @@ def test_adapter_is_a_model_memory_pytree(setup):
     config, _, cfg = setup
     # Given the hybrid layout of a Jamba config
     # Then Mamba layers are recurrent with Jamba's state shapes, attention layers are KV
-    assert cfg.recr_layers == config.mamba_layers
+    assert cfg.recurrent_layers == config.mamba_layers
     assert cfg.attn_layers == config.attention_layers
     assert cfg.recurrent.r_shape == (config.mamba_d_conv - 1, config.d_inner)
     assert cfg.recurrent.s_shape == (config.d_inner, config.mamba_d_state)

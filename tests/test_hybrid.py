@@ -347,7 +347,7 @@ def test_config_routing_and_errors():
     rc = hm.recurrent_config(2)
     cfg = jh.HybridConfig.from_layers([True, False, True, False], kv, rc)
     assert cfg.attn_layers == (1, 3)
-    assert cfg.recr_layers == (0, 2)
+    assert cfg.recurrent_layers == (0, 2)
     assert cfg.sub_index(3) == (jh.LayerKind.ATTENTION, 1)
     assert cfg.sub_index(2) == (jh.LayerKind.RECURRENT, 1)
     custom = jh.HybridConfig.from_layers(

@@ -58,7 +58,7 @@ def _per_seq(mem, cfg) -> dict:
     """Each sequence's recurrent state (position and bytes) and K/V rows by position."""
     pos, seqs, k, v = jax.device_get((mem.kv.cells.pos, mem.kv.cells.seq, mem.kv.k, mem.kv.v))
     rpos, tail, r, s = jax.device_get(
-        (mem.recr.cells.pos, mem.recr.cells.tail, mem.recr.r, mem.recr.s)
+        (mem.recurrent.cells.pos, mem.recurrent.cells.tail, mem.recurrent.r, mem.recurrent.s)
     )
     out = {}
     for q in range(cfg.n_seq_max):

@@ -150,11 +150,11 @@ def test_partition_specs_follow_the_rules():
     assert specs.kv.k == P(None, "data", None, "model", None)
     assert specs.kv.v == P(None, "data", None, "model", None)
     # and recurrent channels (last axis of r, first of s) over model, cells not split
-    assert specs.recr.r == P(None, None, None, "model")
-    assert specs.recr.s == P(None, None, "model", None)
+    assert specs.recurrent.r == P(None, None, None, "model")
+    assert specs.recurrent.s == P(None, None, "model", None)
     # and KV cell metadata goes with its stream, recurrent cell metadata is replicated
     assert specs.kv.cells == (P("data", None), P("data", None, None), P("data", None), P("data"))
-    assert specs.recr.cells == (P(), P(), P(), P(), None)  # no snapshots configured
+    assert specs.recurrent.cells == (P(), P(), P(), P(), None)  # no snapshots configured
     # Given a unified cache, then its cells go over data instead
     assert jh.memory_partition_specs(_hybrid_cfg(True), mesh).kv.k == P(
         None, None, "data", "model", None
@@ -254,13 +254,13 @@ def test_sharded_init_puts_one_nth_on_each_device(name):
     v_shard = (n_layers, N_SEQ // d, 32, heads, 16 // hd_split)
     r_shard = (cfg.recurrent.n_layers, N_SEQ, 3, 16 // m)
     s_shard = (cfg.recurrent.n_layers, N_SEQ, 16 // m, 4)
-    for buf, shard in ((mem.kv.k, k_shard), (mem.kv.v, v_shard), (mem.recr.r, r_shard)):
+    for buf, shard in ((mem.kv.k, k_shard), (mem.kv.v, v_shard), (mem.recurrent.r, r_shard)):
         assert len(buf.addressable_shards) == 8
         assert {s.data.shape for s in buf.addressable_shards} == {shard}
-    assert {s.data.shape for s in mem.recr.s.addressable_shards} == {s_shard}
+    assert {s.data.shape for s in mem.recurrent.s.addressable_shards} == {s_shard}
     # and KV cell metadata goes with its stream, recurrent metadata is whole on every device
     assert {s.data.shape for s in mem.kv.cells.seq.addressable_shards} == {(N_SEQ // d, 32, N_SEQ)}
-    assert {s.data.shape for s in mem.recr.cells.seq.addressable_shards} == {(N_SEQ, N_SEQ)}
+    assert {s.data.shape for s in mem.recurrent.cells.seq.addressable_shards} == {(N_SEQ, N_SEQ)}
     _assert_layout(mem, cfg, mesh)
 
 
@@ -416,7 +416,7 @@ def test_constrain_memory_pins_the_layout_inside_jit():
 def _saved(mem: jh.HybridMemory) -> list:
     """The leaves a state blob holds: all but the placement search hints (§2.2, §5.4.4)."""
     kv = mem.kv._replace(cells=mem.kv.cells._replace(head=None))
-    recr = mem.recr._replace(cells=mem.recr.cells._replace(head=None))
+    recr = mem.recurrent._replace(cells=mem.recurrent.cells._replace(head=None))
     return jax.tree.leaves(jh.HybridMemory(kv, recr))
 
 

@@ -143,7 +143,7 @@ def _check_invariants(mem: jh.HybridMemory, cfg: jh.HybridConfig) -> None:
         held = pos[st, c]
         assert len(np.unique(held)) == len(held), f"seq {q} holds a position twice"
     rpos, rseqs, tail = jax.device_get(
-        (mem.recr.cells.pos, mem.recr.cells.seq, mem.recr.cells.tail)
+        (mem.recurrent.cells.pos, mem.recurrent.cells.seq, mem.recurrent.cells.tail)
     )
     assert np.all((rpos < 0) == ~np.any(rseqs, axis=1))
     assert np.all(np.sum(rseqs, axis=0) <= 1)
@@ -175,8 +175,8 @@ def test_whole_memory_round_trip_continues_decoding(unified, dtype):
     _check_invariants(restored, cfg)
     assert _ranges(restored, cfg) == _ranges(mem, cfg)
     assert _kv_content(restored.kv, cfg.kv) == _kv_content(mem.kv, cfg.kv)
-    assert _recurrent_content(restored.recr, cfg.recurrent) == _recurrent_content(
-        mem.recr, cfg.recurrent
+    assert _recurrent_content(restored.recurrent, cfg.recurrent) == _recurrent_content(
+        mem.recurrent, cfg.recurrent
     )
     # ... the blob is canonical (saving the restored memory gives the same bytes)
     assert jh.state_write(restored, cfg) == blob
@@ -208,8 +208,8 @@ def test_every_sequence_restores_into_another_id_and_continues(unified, dtype):
         lo, hi = _ranges(restored, cfg)
         mlo, mhi = _ranges(mem, cfg)
         assert (lo[dest], hi[dest]) == (mlo[s], mhi[s])
-        r_mem = _recurrent_content(mem.recr, cfg.recurrent)[s]
-        r_new = _recurrent_content(restored.recr, cfg.recurrent)[dest]
+        r_mem = _recurrent_content(mem.recurrent, cfg.recurrent)[s]
+        r_new = _recurrent_content(restored.recurrent, cfg.recurrent)[dest]
         assert r_new[:3] == r_mem[:3] and r_new[3] == (dest,)
         # ... and decoding dest continues as s would have
         got = _next_logits(cfg, params, restored, [dest])
@@ -223,7 +223,7 @@ def test_kv_only_and_recurrent_only_memories_round_trip(unified, dtype):
     empty = jh.init_hybrid(cfg)
     # The recurrent states stored as ``dtype`` too
     r_cfg = dataclasses.replace(cfg.recurrent, dtype_r=dtype, dtype_s=dtype)
-    recr = mem.recr._replace(r=mem.recr.r.astype(dtype), s=mem.recr.s.astype(dtype))
+    recr = mem.recurrent._replace(r=mem.recurrent.r.astype(dtype), s=mem.recurrent.s.astype(dtype))
     for part, empty_part, sub, content in (
         (mem.kv, empty.kv, cfg.kv, _kv_content),
         (recr, jh.recurrent.init_recurrent(r_cfg), r_cfg, _recurrent_content),
@@ -257,8 +257,8 @@ def test_partial_only_saves_and_restores_the_recurrent_part():
     restored, status = jh.state_read(target, cfg, part, 1, flags=jh.StateFlags.PARTIAL_ONLY)
     assert status.ok, status.message
     assert _trees_equal(restored.kv, target.kv)
-    got = _recurrent_content(restored.recr, cfg.recurrent)[1]
-    assert got[:3] == _recurrent_content(mem.recr, cfg.recurrent)[2][:3]
+    got = _recurrent_content(restored.recurrent, cfg.recurrent)[1]
+    assert got[:3] == _recurrent_content(mem.recurrent, cfg.recurrent)[2][:3]
     # Reading with other flags than it was written with is refused
     same, status = jh.state_read(target, cfg, part, 1)
     assert same is target and "flags" in status.message

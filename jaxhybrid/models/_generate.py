@@ -506,14 +506,14 @@ def memory_usage(mem: hy.HybridMemory, cfg: hy.HybridConfig) -> MemoryUsage:
         >>> use.kv_cells_used, use.kv_cells_total, use.kv_bytes
         (0, 8, 256)
     """
-    kv_cells, rs_cells = jax.device_get((mem.kv.cells, mem.recr.cells))
+    kv_cells, rs_cells = jax.device_get((mem.kv.cells, mem.recurrent.cells))
     lo, hi = (np.asarray(x) for x in jax.device_get(_pos_range(mem, cfg=cfg)))
     kv_used = kv_cells.pos >= 0
     rs_used = rs_cells.pos >= 0
     n_kv_used, n_rs_used = int(kv_used.sum()), int(rs_used.sum())
     # Every buffer but the cell metadata: K/V, r/s states and any extra state planes.
     kv_bytes = _nbytes(mem.kv) - _nbytes(mem.kv.cells)
-    recr_bytes = _nbytes(mem.recr) - _nbytes(mem.recr.cells)
+    recr_bytes = _nbytes(mem.recurrent) - _nbytes(mem.recurrent.cells)
     n_kv, n_rs = kv_cells.pos.size, rs_cells.pos.size
     return MemoryUsage(
         kv_cells_per_seq=(kv_cells.seq & kv_used[..., None]).sum(axis=(0, 1)),

@@ -41,11 +41,11 @@ class _MambaStates:
     below (they have ``mem``, ``place``, ``n_seqs`` and ``cfg``)."""
 
     def ssm_states(self, mamba_layer: int):
-        layer = self.cfg.recr_layers[mamba_layer]
+        layer = self.cfg.recurrent_layers[mamba_layer]
         return hy.read_states(self.mem, self.cfg, layer, self.place)
 
     def set_ssm_states(self, mamba_layer: int, conv, ssm, *, conv_tok=None, ssm_tok=None):
-        layer = self.cfg.recr_layers[mamba_layer]
+        layer = self.cfg.recurrent_layers[mamba_layer]
         mem = hy.write_states(
             self.mem,
             self.cfg,
@@ -230,7 +230,7 @@ def jamba_step_fn(
             # _SpanModelMemory); the K/V buffers are read from the enclosing scope.
             mask = hy.kq_mask(mem, cfg, ub, place, span, own_stream=per_token)
             bound = _SpanModelMemory(
-                mem=mem._replace(recr=recr),
+                mem=mem._replace(recurrent=recr),
                 place=place._replace(mask=mask),
                 n_seqs=ub.n_seqs,
                 k_rows=(None,) * n_attn,
@@ -240,10 +240,10 @@ def jamba_step_fn(
                 per_token=per_token,
             )
             logits, bound = forward(model, ub.token, ub.pos, ub.valid, bound)
-            return logits, bound.mem.recr, bound.k_rows, bound.v_rows
+            return logits, bound.mem.recurrent, bound.k_rows, bound.v_rows
 
-        logits, recr, k_rows, v_rows = kvc.switch_span(place.n_kv, spans, run, mem.recr)
-        mem = mem._replace(recr=recr)
+        logits, recr, k_rows, v_rows = kvc.switch_span(place.n_kv, spans, run, mem.recurrent)
+        mem = mem._replace(recurrent=recr)
         for i, layer in enumerate(cfg.attn_layers):
             if k_rows[i] is not None:
                 mem = hy.write_kv(mem, cfg, layer, k_rows[i], v_rows[i], place)
