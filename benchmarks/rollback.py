@@ -23,14 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxhybrid as jh
-from jaxhybrid.models import (
-    JambaConfig,
-    generate,
-    init_jamba,
-    jamba_hybrid_config,
-    prefill,
-    speculative_generate,
-)
+from jaxhybrid.models import JambaConfig, JambaModel, init_jamba, jamba_hybrid_config
+from jaxhybrid.serving import generate, prefill, speculative_generate
 
 
 def _tiny_config() -> JambaConfig:
@@ -66,6 +60,7 @@ def chat_turn(model, config, *, history: int, edit: int, n_ubatch: int, repeat: 
     def run_prefill(mem, tokens):
         # ubatches no larger than the tokens (a serving loop buckets its batch sizes likewise)
         out, mem, code = prefill(
+            JambaModel(config),
             model,
             mem,
             jnp.asarray(tokens)[None],
@@ -131,7 +126,9 @@ def speculative(model, config, *, k: int, noise: float, n_new: int, repeat: int)
 
     def spec():
         return speculative_generate(
+            JambaModel(config),
             model,
+            JambaModel(config),
             draft,
             prompts,
             target_cfg=cfg,
@@ -143,6 +140,7 @@ def speculative(model, config, *, k: int, noise: float, n_new: int, repeat: int)
 
     def plain():
         return generate(
+            JambaModel(config),
             model,
             jh.init_hybrid(plain_cfg),
             prompts,

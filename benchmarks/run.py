@@ -6,7 +6,7 @@ spread over rounds is reported next to each time). Peers:
 
 - ``jaxhybrid``: :func:`jaxhybrid.decode` with :func:`~jaxhybrid.models.jamba_step_fn` in one
   jitted greedy loop (prompt in one batch, then one token per sequence per step, argmax on device).
-- ``jaxhybrid generate()``: the library's :func:`~jaxhybrid.models.generate` (adds its sampler).
+- ``jaxhybrid generate()``: the library's :func:`~jaxhybrid.serving.generate` (adds its sampler).
 - ``bare JAX``: the same model and loop with a fixed per-sequence cache (``benchmarks/_bare.py``).
 - ``transformers``: ``JambaForCausalLM.generate`` (greedy, same weights, ``torch`` threads set).
 - ``llama.cpp``: llama-cpp-python built from source (``benchmarks/_llama_cpp.py``).
@@ -41,15 +41,13 @@ import jaxhybrid as jh
 from benchmarks import _llama_cpp as lcpp
 from benchmarks._bare import bare_decode, bare_prefill, init_bare
 from jaxhybrid.models import (
-    Engine,
     JambaConfig,
-    decode_tokens,
-    generate,
+    JambaModel,
     jamba_hybrid_config,
     jamba_step_fn,
     load_jamba,
-    prefill,
 )
+from jaxhybrid.serving import Engine, decode_tokens, generate, prefill
 
 _TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -233,6 +231,7 @@ def bench_decode(ctx: Ctx) -> list[dict]:
                 t = time.perf_counter()
                 out = _block(
                     generate(
+                        JambaModel(ctx.config),
                         ctx.model,
                         mem,
                         prompts.tolist(),
@@ -443,6 +442,7 @@ def bench_prefill(ctx: Ctx) -> list[dict]:
             t = time.perf_counter()
             _, _, code = _block(
                 prefill(
+                    JambaModel(ctx.config),
                     ctx.model,
                     mem,
                     jnp.asarray(prompt),
@@ -519,7 +519,7 @@ def bench_retrace(ctx: Ctx) -> dict:
     a = ctx.args
     n_seq, n_steps, limit = 8, a.engine_steps, 96
     cfg = jamba_hybrid_config(ctx.config, kv_size=2048, n_seq_max=n_seq)
-    eng = Engine(ctx.model, cfg, n_ubatch=n_seq, n_prompt=32, n_stop=2)
+    eng = Engine(JambaModel(ctx.config), ctx.model, cfg, n_ubatch=n_seq, n_prompt=32, n_stop=2)
     rng = np.random.default_rng(0)
     log = _CompileLog()
     logger = logging.getLogger("jax._src.dispatch")
@@ -557,7 +557,7 @@ def bench_retrace(ctx: Ctx) -> dict:
                     )
                     if bool(ok):
                         counts["shifts"] += 1
-                    else:  # no free cell to split shared cells off (DESIGN 10): give up
+                    else:  # no free cell to split shared cells off (difference 10): give up
                         eng.cancel(r.id)
                         counts["refused_shifts"] += 1
             before = {r.id for r in eng.running()}
@@ -652,7 +652,14 @@ def bench_memory(ctx: Ctx) -> dict:
         tokens = jnp.full((n_seq,), 7, jnp.int32)
         abstract = jax.eval_shape(lambda: jh.init_hybrid(cfg))
         step = decode_tokens.lower(
-            ctx.model, abstract, tokens, seq_ids, active, cfg=cfg, n_ubatch=n_seq
+            JambaModel(ctx.config),
+            ctx.model,
+            abstract,
+            tokens,
+            seq_ids,
+            active,
+            cfg=cfg,
+            n_ubatch=n_seq,
         ).compile()
         mem_bytes = _tree_bytes(abstract)
         param_bytes = _tree_bytes(ctx.model)

@@ -1,6 +1,6 @@
 """``python -m jaxhybrid`` (console script ``jaxhybrid-demo``): a scripted continuous-batching
 session on a Jamba model. Run it with ``--help`` for every flag; the session itself lives in
-:mod:`jaxhybrid.models._demo` (it needs the ``demo`` extra: Flax, safetensors, matplotlib)."""
+:mod:`jaxhybrid.cli` (it needs the ``demo`` extra: Flax, safetensors, matplotlib)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the demo and returns its exit status (0 ok, 1 failed run, 2 bad input)."""
     try:
-        from jaxhybrid.models._demo import main as demo_main
+        from jaxhybrid.cli import main as cli_main
     except ImportError as e:
         print(
             f"jaxhybrid: error: the demo needs the 'demo' extra ({e}); install it with\n"
@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return demo_main(argv)
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxhybrid.cli import TINY_JAMBA
 from jaxhybrid.models import DenseMemory, forward, init_dense_memory
-from jaxhybrid.models._demo import TINY_JAMBA
 
 # Attention at layers 1 and 3, MoE (4 experts, top 2) at layers 1 and 3, GQA 4 query / 2 KV heads:
 # the demo's tiny Jamba with transformers' default init range (init_jamba draws from it).

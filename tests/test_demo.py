@@ -20,14 +20,10 @@ pytest.importorskip("flax.nnx")
 pytest.importorskip("matplotlib")
 
 import jaxhybrid as jh
-from jaxhybrid.models import (
-    Engine,
-    JambaConfig,
-    hf_tensor_shapes,
-    init_jamba,
-    jamba_hybrid_config,
-)
-from jaxhybrid.models import _demo as demo
+from jaxhybrid import cli as demo
+from jaxhybrid.cli._model import load_model
+from jaxhybrid.models import JambaConfig, JambaModel, hf_tensor_shapes, init_jamba
+from jaxhybrid.serving import Engine
 
 N_SEQ, KV_SIZE, N_PROMPT, N_UBATCH = 4, 160, 16, 32
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -36,14 +32,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny():
     config = JambaConfig(**demo.TINY_JAMBA)
-    model = init_jamba(config, seed=5)
-    cfg = jamba_hybrid_config(config, kv_size=KV_SIZE, n_seq_max=N_SEQ)
-    return config, model, cfg
+    plugin = JambaModel(config)
+    params = init_jamba(config, seed=5)
+    cfg = plugin.memory_config(kv_size=KV_SIZE, n_seq_max=N_SEQ)
+    return config, plugin, params, cfg
 
 
 def _engine(tiny, **kw):
-    _, model, cfg = tiny
-    return Engine(model, cfg, n_ubatch=N_UBATCH, n_prompt=N_PROMPT, n_stop=1, **kw)
+    _, plugin, params, cfg = tiny
+    return Engine(plugin, params, cfg, n_ubatch=N_UBATCH, n_prompt=N_PROMPT, n_stop=1, **kw)
 
 
 def _prompt(n, seed):
@@ -74,8 +71,11 @@ def test_memory_usage_counts_cells_and_bytes(tiny):
     assert u.kv_cells_per_seq.tolist() == [7, 11, 7, 0]
     assert (u.kv_cells_used, u.kv_cells_shared, u.kv_cells_total) == (18, 7, KV_SIZE)
     # And three sequences hold states, the fork sharing its parent's cell
-    assert u.recr_cells_used == 2 and u.recr_cells_total == N_SEQ
-    assert u.recr_cell_of_seq[0] == u.recr_cell_of_seq[2] >= 0 and u.recr_cell_of_seq[3] == -1
+    assert u.recurrent_cells_used == 2 and u.recurrent_cells_total == N_SEQ
+    assert (
+        u.recurrent_cell_of_seq[0] == u.recurrent_cell_of_seq[2] >= 0
+        and u.recurrent_cell_of_seq[3] == -1
+    )
     assert u.pos_max.tolist() == [6, 10, 6, -1]
     # And the byte counts follow the config: K and V of 2 attention layers, f32
     n_attn, n_mamba = len(config.attention_layers), len(config.mamba_layers)
@@ -83,8 +83,8 @@ def test_memory_usage_counts_cells_and_bytes(tiny):
     conv = (config.mamba_d_conv - 1) * config.d_inner
     ssm = config.d_inner * config.mamba_d_state
     assert u.kv_bytes == kv_bytes and u.kv_bytes_used == kv_bytes * 18 // KV_SIZE
-    assert u.recr_bytes == n_mamba * N_SEQ * (conv + ssm) * 4
-    assert u.recr_bytes_used == u.recr_bytes // 2
+    assert u.recurrent_bytes == n_mamba * N_SEQ * (conv + ssm) * 4
+    assert u.recurrent_bytes_used == u.recurrent_bytes // 2
 
 
 def test_context_shift_equals_removing_the_range(tiny):
@@ -185,7 +185,7 @@ def test_restore_refuses_a_busy_sequence_and_a_foreign_record(tiny):
     with pytest.raises(ValueError, match="not a free id"):
         eng.restore(saved, seq=eng.requests[a].seq)
     bad = type(saved)(saved.data[:-5], saved.request, saved.logits)
-    with pytest.raises(RuntimeError, match="restore into sequence 1 failed"):
+    with pytest.raises(jh.StateError, match="restore into sequence 1 failed"):
         eng.restore(bad, seq=1)
     assert eng.memory_usage().kv_cells_per_seq.tolist() == [4, 0, 0, 0]
 
@@ -211,7 +211,7 @@ def test_default_session_runs_every_phase(tiny):
     # When the default session runs (the tiny seeded model, no download)
     out = io.StringIO()
     args = demo.build_parser().parse_args([])
-    res = demo.run_session(args, demo._load_model(args), out)
+    res = demo.run_session(args, load_model(args), out)
     phases = {p.name: p for p in res.phases}
     text = out.getvalue()
     # Then every phase ran and reported its tokens/s
@@ -231,7 +231,7 @@ def test_default_session_runs_every_phase(tiny):
     assert sum(p.shifts for p in res.phases) > 0
     assert max(int(u.pos_max.max()) for u in snaps.values()) < args.ctx
     # And the memory is empty at the end, with the summary printed
-    assert snaps["drain"].kv_cells_used == 0 and snaps["drain"].recr_cells_used == 0
+    assert snaps["drain"].kv_cells_used == 0 and snaps["drain"].recurrent_cells_used == 0
     assert "peak memory use" in text and "KV cells per sequence" in text
 
 

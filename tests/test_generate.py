@@ -19,17 +19,16 @@ import jamba_utils as ju
 
 import jaxhybrid as jh
 from jaxhybrid.models import (
-    Engine,
+    HybridModelMemory,
     JambaConfig,
+    JambaModel,
     ModelMemory,
-    decode_tokens,
-    generate,
     init_jamba,
     jamba_hybrid_config,
-    prefill,
 )
-from jaxhybrid.models import _generate as GEN
-from jaxhybrid.models._hybrid_adapter import HybridModelMemory
+from jaxhybrid.serving import Engine, EngineError, decode_tokens, generate, prefill
+from jaxhybrid.serving import _engine as ENG
+from jaxhybrid.serving import _generate as GEN
 
 N_SEQ = 4
 N_UBATCH = 8
@@ -42,14 +41,17 @@ PROMPTS = [[5, 17, 99, 3, 64, 21, 8], [42, 7, 120], [1, 2, 3, 4, 5, 6, 7, 8, 9, 
 def setup():
     config = JambaConfig(**ju.MOE_GQA)
     model = init_jamba(config, seed=3)
-    cfg = jamba_hybrid_config(config, kv_size=KV_SIZE, n_seq_max=N_SEQ)
-    return config, model, cfg
+    jm = JambaModel(config)
+    cfg = jm.memory_config(kv_size=KV_SIZE, n_seq_max=N_SEQ)
+    # The plug-in's layout is the Jamba config's own
+    assert cfg == jamba_hybrid_config(config, kv_size=KV_SIZE, n_seq_max=N_SEQ)
+    return config, model, cfg, jm
 
 
 def _gen(setup, prompts, **kw):
-    _, model, cfg = setup
+    _, model, cfg, jm = setup
     kw.setdefault("max_new_tokens", CAP["max_new"])
-    out = generate(model, jh.init_hybrid(cfg), prompts, cfg=cfg, n_ubatch=N_UBATCH, **CAP, **kw)
+    out = generate(jm, model, jh.init_hybrid(cfg), prompts, cfg=cfg, n_ubatch=N_UBATCH, **CAP, **kw)
     assert int(out.code) == 0
     return np.asarray(out.tokens), np.asarray(out.lengths)
 
@@ -75,7 +77,7 @@ def _dense_greedy(config, model, prompt, n_new):
 
 
 def test_adapter_is_a_model_memory_pytree(setup):
-    config, _, cfg = setup
+    config, _, cfg, _ = setup
     # Given the hybrid layout of a Jamba config
     # Then Mamba layers are recurrent with Jamba's state shapes, attention layers are KV
     assert cfg.recurrent_layers == config.mamba_layers
@@ -95,7 +97,7 @@ def test_adapter_is_a_model_memory_pytree(setup):
 
 
 def test_prefill_logits_equal_dense_memory(setup):
-    config, model, cfg = setup
+    config, model, cfg, jm = setup
     # Given four prompts decoded together, in ubatches of 8, through the hybrid memory
     p = CAP["n_prompt"]
     toks = np.zeros((N_SEQ, p), np.int32)
@@ -103,6 +105,7 @@ def test_prefill_logits_equal_dense_memory(setup):
         toks[i, : len(pr)] = pr
     lens = np.array([len(x) for x in PROMPTS], np.int32)
     logits, _, code = prefill(
+        jm,
         model,
         jh.init_hybrid(cfg),
         jnp.asarray(toks),
@@ -130,7 +133,7 @@ def test_prefill_logits_equal_dense_memory(setup):
 
 
 def test_greedy_generate_equals_dense_and_stepwise_decoding(setup):
-    config, model, cfg = setup
+    config, model, cfg, jm = setup
     # Given greedy generation of 8 tokens for two prompts at once
     got, lens = _gen(setup, [*PROMPTS[:2], [], []])
     assert lens.tolist() == [8, 8, 0, 0]
@@ -146,14 +149,14 @@ def test_greedy_generate_equals_dense_and_stepwise_decoding(setup):
     ids = jnp.arange(2, dtype=jnp.int32)
     lens2 = jnp.asarray([len(PROMPTS[0]), len(PROMPTS[1])], jnp.int32)
     logits, mem, code = prefill(
-        model, mem, jnp.asarray(toks), lens2, ids, cfg=cfg, n_ubatch=N_UBATCH
+        jm, model, mem, jnp.asarray(toks), lens2, ids, cfg=cfg, n_ubatch=N_UBATCH
     )
     steps = []
     for _ in range(8):
         t = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         steps.append(np.asarray(t))
         logits, mem, code = decode_tokens(
-            model, mem, t, ids, jnp.ones(2, bool), cfg=cfg, n_ubatch=N_UBATCH
+            jm, model, mem, t, ids, jnp.ones(2, bool), cfg=cfg, n_ubatch=N_UBATCH
         )
         assert int(code) == 0
     assert np.stack(steps, 1).tolist() == got[:2].tolist()
@@ -221,16 +224,16 @@ def test_stop_tokens_and_max_lengths(setup):
 
 
 def test_engine_submit_fork_cancel_finish(setup):
-    _, model, cfg = setup
+    _, model, cfg, jm = setup
     greedy, _ = _gen(setup, PROMPTS)
-    eng = Engine(model, cfg, n_ubatch=N_UBATCH, n_prompt=CAP["n_prompt"], n_stop=CAP["n_stop"])
+    eng = Engine(jm, model, cfg, n_ubatch=N_UBATCH, n_prompt=CAP["n_prompt"], n_stop=CAP["n_stop"])
     # Given a request, a fork of it, and a request with the same prompt from scratch
     a = eng.submit(PROMPTS[0], 6)
     b = eng.fork(a)
     c = eng.submit(PROMPTS[0], 3)
     d = eng.submit(PROMPTS[1], 8, stop_tokens=[int(greedy[1, 4])])
     eng.step()
-    size0 = GEN._engine_step._cache_size()
+    size0 = ENG._engine_step._cache_size()
     eng.step()
     # When c is cancelled after two tokens and a new request takes its sequence id
     eng.cancel(c)
@@ -251,12 +254,12 @@ def test_engine_submit_fork_cancel_finish(setup):
     _, hi = jh.seq_pos_range(eng.mem, cfg)
     assert (np.asarray(hi) == -1).all()
     # And the step compiled once for every mix of running requests
-    assert GEN._engine_step._cache_size() == size0
+    assert ENG._engine_step._cache_size() == size0
 
 
 def test_engine_fork_samples_its_own_continuation(setup):
-    _, model, cfg = setup
-    eng = Engine(model, cfg, n_ubatch=N_UBATCH, n_prompt=CAP["n_prompt"], n_stop=CAP["n_stop"])
+    _, model, cfg, jm = setup
+    eng = Engine(jm, model, cfg, n_ubatch=N_UBATCH, n_prompt=CAP["n_prompt"], n_stop=CAP["n_stop"])
     # Given a sampled request that generated 3 tokens, forked twice with different seeds
     a = eng.submit(PROMPTS[3], 8, temperature=1.5, seed=11)
     for _ in range(3):
@@ -279,8 +282,8 @@ def test_engine_fork_samples_its_own_continuation(setup):
     )
     assert r[b].tokens == ref[0, :5].tolist()
     # And the engine refuses a fifth running request
-    eng2 = Engine(model, cfg, n_ubatch=N_UBATCH, n_prompt=CAP["n_prompt"], n_stop=CAP["n_stop"])
+    eng2 = Engine(jm, model, cfg, n_ubatch=N_UBATCH, n_prompt=CAP["n_prompt"], n_stop=CAP["n_stop"])
     for _ in range(N_SEQ):
         eng2.submit([1], 2)
-    with pytest.raises(RuntimeError, match="no free sequence id"):
+    with pytest.raises(EngineError, match="no free sequence id"):
         eng2.submit([1], 2)

@@ -26,15 +26,14 @@ import jamba_utils as ju
 
 import jaxhybrid as jh
 from jaxhybrid.models import (
-    GenerateOutput,
     JambaConfig,
-    decode_tokens,
-    generate,
+    JambaModel,
     init_jamba,
     jamba_hybrid_config,
     jamba_param_specs,
     shard_jamba,
 )
+from jaxhybrid.serving import GenerateOutput, decode_tokens, generate
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS set by tests/conftest.py)"
@@ -55,6 +54,7 @@ N_UBATCH = 8
 N_GEN = 4  # tokens generated per sequence
 PROMPTS = [[5, 17, 99, 3, 64, 21, 8], [42, 7, 120], [1, 2, 3, 4, 5, 6, 7, 8], [77], [3, 4]]
 MESHES = {"1x8": (1, 8), "2x4": (2, 4), "8x1": (8, 1)}
+JM = JambaModel(JambaConfig(**JAMBA))
 
 
 def _mesh(shape) -> Mesh:
@@ -72,7 +72,7 @@ def _prompt_arrays():
 def _decode_fn(cfg, mesh=None):
     """``decode_tokens`` for ``cfg``; on a mesh, jitted again with the memory's
     ``out_shardings`` pinned to the rules (the README's recipe), memory donated."""
-    dec = functools.partial(decode_tokens, cfg=cfg, n_ubatch=N_UBATCH)
+    dec = functools.partial(decode_tokens, JM, cfg=cfg, n_ubatch=N_UBATCH)
     if mesh is None:
         return dec
     pin = dict(out_shardings=(None, jh.memory_sharding(cfg, mesh), None), donate_argnums=1)
@@ -345,7 +345,7 @@ def test_generate_on_mesh_matches_single_device(jamba):
     _, model, cfg, _, ref_tokens, _ = jamba
     mesh = _mesh((2, 4))
     run = functools.partial(
-        generate, prompts=PROMPTS, cfg=cfg, n_ubatch=N_UBATCH, max_new_tokens=N_GEN
+        generate, JM, prompts=PROMPTS, cfg=cfg, n_ubatch=N_UBATCH, max_new_tokens=N_GEN
     )
     out_sh = GenerateOutput(None, None, jh.memory_sharding(cfg, mesh), None)
     # When the jitted generation loop runs on sharded parameters and memory

@@ -10,21 +10,17 @@ import numpy as np
 import pytest
 
 import jaxhybrid as jh
-from jaxhybrid.models import (
-    JambaConfig,
-    init_jamba,
-    jamba_hybrid_config,
-    prefill,
-    speculative_generate,
-)
+from jaxhybrid.models import JambaConfig, JambaModel, init_jamba, jamba_hybrid_config
+from jaxhybrid.serving import prefill, speculative_generate
 
 K = 3
+CONFIG = JambaConfig(**ju.MOE_GQA)
+JM = JambaModel(CONFIG)  # the plug-in of target and draft (same shapes, other weights)
 
 
 @pytest.fixture(scope="module")
 def jamba():
-    config = JambaConfig(**ju.MOE_GQA)
-    return config, init_jamba(config, seed=3)
+    return CONFIG, init_jamba(CONFIG, seed=3)
 
 
 P = 16  # one prompt capacity for every prefill below: one compilation
@@ -35,6 +31,7 @@ def _prefill(model, cfg, mem, tokens, seq=0):
     toks = np.zeros((1, P), np.int32)
     toks[0, : len(tokens)] = tokens
     out, mem, code = prefill(
+        JM,
         model,
         mem,
         jnp.asarray(toks),
@@ -85,7 +82,16 @@ def test_speculative_decoding_equals_plain_greedy(jamba):
     prompts = [[5, 17, 99, 3, 64, 21, 8], [42, 7, 120]]
     cfg = jamba_hybrid_config(config, kv_size=96, n_seq_max=2, n_snapshots=K)
     out = speculative_generate(
-        target, draft, prompts, target_cfg=cfg, draft_cfg=cfg, k=K, max_new_tokens=20, n_ubatch=8
+        JM,
+        target,
+        JM,
+        draft,
+        prompts,
+        target_cfg=cfg,
+        draft_cfg=cfg,
+        k=K,
+        max_new_tokens=20,
+        n_ubatch=8,
     )
     assert int(out.code) == 0
     # Plain greedy decoding of the target, one token at a time
@@ -106,5 +112,14 @@ def test_speculative_decoding_needs_a_deep_enough_horizon(jamba):
     cfg = jamba_hybrid_config(config, kv_size=32, n_seq_max=1, n_snapshots=2)
     with pytest.raises(ValueError, match="n_snapshots >= 3"):
         speculative_generate(
-            model, model, [[1, 2]], target_cfg=cfg, draft_cfg=cfg, k=3, max_new_tokens=4, n_ubatch=8
+            JM,
+            model,
+            JM,
+            model,
+            [[1, 2]],
+            target_cfg=cfg,
+            draft_cfg=cfg,
+            k=3,
+            max_new_tokens=4,
+            n_ubatch=8,
         )

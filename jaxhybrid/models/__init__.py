@@ -1,30 +1,24 @@
-"""Example hybrid models on jaxhybrid memory (needs Flax; the core package does not).
+"""Hybrid model families on jaxhybrid memory (needs Flax; the core package does not).
 
-Public names: the Jamba model (:mod:`jaxhybrid.models.jamba`), its Hugging Face loader, the
-:class:`ModelMemory` protocol every model step runs against, and :class:`DenseMemory`, a plain
-reference implementation of that protocol.
+Model code only: each family's layers and Hugging Face loader, and its plug-in for the serving
+layer (a :class:`jaxhybrid.HybridModel`, e.g. :class:`JambaModel`). Generation, the Engine and
+speculative decoding live in :mod:`jaxhybrid.serving`.
+
+Public names: the Jamba model (:mod:`jaxhybrid.models.jamba`), its Hugging Face loader and
+plug-in, the :class:`ModelMemory` protocol every model step runs against, and
+:class:`DenseMemory`, a plain reference implementation of that protocol.
 """
 
 from jaxhybrid.models._dense_memory import DenseMemory, init_dense_memory
-from jaxhybrid.models._generate import (
-    Engine,
-    GenerateOutput,
-    Request,
-    SamplingParams,
-    decode_tokens,
-    generate,
-    prefill,
-    sample,
-)
 from jaxhybrid.models._hybrid_adapter import (
     HybridModelMemory,
+    JambaModel,
     jamba_hybrid_config,
     jamba_step_fn,
 )
 from jaxhybrid.models._loader import hf_tensor_shapes, load_jamba
 from jaxhybrid.models._protocol import ModelMemory
 from jaxhybrid.models._sharding import jamba_param_sharding, jamba_param_specs, shard_jamba
-from jaxhybrid.models._speculative import SpeculativeOutput, speculative_generate
 from jaxhybrid.models.jamba import (
     Jamba,
     JambaAttention,
@@ -38,8 +32,6 @@ from jaxhybrid.models.jamba import (
 
 __all__ = [
     "DenseMemory",
-    "Engine",
-    "GenerateOutput",
     "HybridModelMemory",
     "Jamba",
     "JambaAttention",
@@ -47,23 +39,16 @@ __all__ = [
     "JambaLayer",
     "JambaMLP",
     "JambaMoE",
+    "JambaModel",
     "ModelMemory",
-    "Request",
-    "SpeculativeOutput",
-    "SamplingParams",
-    "decode_tokens",
     "forward",
-    "generate",
     "hf_tensor_shapes",
-    "init_jamba",
     "init_dense_memory",
+    "init_jamba",
     "jamba_hybrid_config",
     "jamba_param_sharding",
     "jamba_param_specs",
     "jamba_step_fn",
     "load_jamba",
-    "prefill",
-    "sample",
-    "speculative_generate",
     "shard_jamba",
 ]

@@ -21,9 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxhybrid._typing import Array, Bool, Float, Int
+from jaxhybrid.array_typing import Array, Bool, Float, Int
 
-__all__ = ["MambaMixer", "ParamInit", "SetSpans", "causal_conv", "selective_scan", "set_spans"]
+__all__ = [
+    "Linear",
+    "MambaMixer",
+    "ParamInit",
+    "RMSNorm",
+    "SetSpans",
+    "causal_conv",
+    "selective_scan",
+    "set_spans",
+]
 
 
 class SetSpans(NamedTuple):
@@ -199,7 +208,7 @@ class ParamInit:
         return self._param(lambda: np.broadcast_to(np.asarray(value, np.float32), shape), shape)
 
 
-class _RMSNorm(nnx.Module):
+class RMSNorm(nnx.Module):
     """RMSNorm computed in float32 and scaled in the input dtype (transformers' JambaRMSNorm)."""
 
     def __init__(self, dim: int, eps: float, init: ParamInit):
@@ -214,7 +223,7 @@ class _RMSNorm(nnx.Module):
         return w.reshape((1,) * (x.ndim - 1) + w.shape) * y
 
 
-class _Linear(nnx.Module):
+class Linear(nnx.Module):
     """``x @ kernel (+ bias)`` with ``kernel`` stored ``[in, out]``."""
 
     def __init__(self, d_in: int, d_out: int, init: ParamInit, *, bias: bool = False):
@@ -240,18 +249,18 @@ class MambaMixer(nnx.Module):
     def __init__(self, config, init: ParamInit):
         h, d_in, n = config.hidden_size, config.d_inner, config.mamba_d_state
         r, k, bias = config.mamba_dt_rank, config.mamba_d_conv, config.mamba_proj_bias
-        self.in_proj = _Linear(h, 2 * d_in, init, bias=bias)
+        self.in_proj = Linear(h, 2 * d_in, init, bias=bias)
         self.conv_weight = init.normal(k, d_in)
         self.conv_bias = init.constant(0.0, d_in) if config.mamba_conv_bias else None
-        self.x_proj = _Linear(d_in, r + 2 * n, init)
-        self.dt_proj = _Linear(r, d_in, init, bias=True)
+        self.x_proj = Linear(d_in, r + 2 * n, init)
+        self.dt_proj = Linear(r, d_in, init, bias=True)
         self.A_log = init.constant(np.log(np.arange(1, n + 1, dtype=np.float32))[None, :], d_in, n)
         self.D = init.constant(1.0, d_in)
-        self.out_proj = _Linear(d_in, h, init, bias=bias)
+        self.out_proj = Linear(d_in, h, init, bias=bias)
         eps = config.rms_norm_eps
-        self.dt_layernorm = _RMSNorm(r, eps, init)
-        self.b_layernorm = _RMSNorm(n, eps, init)
-        self.c_layernorm = _RMSNorm(n, eps, init)
+        self.dt_layernorm = RMSNorm(r, eps, init)
+        self.b_layernorm = RMSNorm(n, eps, init)
+        self.c_layernorm = RMSNorm(n, eps, init)
         self.d_inner, self.d_state, self.dt_rank = d_in, n, r
 
     def __call__(

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxhybrid._typing import Array, Bool, Float, Int
-from jaxhybrid.models._mamba import MambaMixer, ParamInit, _Linear, _RMSNorm
+from jaxhybrid.array_typing import Array, Bool, Float, Int
+from jaxhybrid.models._mamba import Linear, MambaMixer, ParamInit, RMSNorm
 from jaxhybrid.models._protocol import ModelMemory
 
 __all__ = [
@@ -208,10 +208,10 @@ class JambaAttention(nnx.Module):
     def __init__(self, config: JambaConfig, init: ParamInit):
         h, hd = config.hidden_size, config.head_dim
         nh, nkv = config.num_attention_heads, config.num_key_value_heads
-        self.q_proj = _Linear(h, nh * hd, init)
-        self.k_proj = _Linear(h, nkv * hd, init)
-        self.v_proj = _Linear(h, nkv * hd, init)
-        self.o_proj = _Linear(nh * hd, h, init)
+        self.q_proj = Linear(h, nh * hd, init)
+        self.k_proj = Linear(h, nkv * hd, init)
+        self.v_proj = Linear(h, nkv * hd, init)
+        self.o_proj = Linear(nh * hd, h, init)
         self.n_heads, self.n_kv_heads, self.head_dim = nh, nkv, hd
 
     def __call__(
@@ -247,9 +247,9 @@ class JambaMLP(nnx.Module):
 
     def __init__(self, config: JambaConfig, init: ParamInit):
         h, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = _Linear(h, f, init)
-        self.up_proj = _Linear(h, f, init)
-        self.down_proj = _Linear(f, h, init)
+        self.gate_proj = Linear(h, f, init)
+        self.up_proj = Linear(h, f, init)
+        self.down_proj = Linear(f, h, init)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -300,8 +300,8 @@ class JambaLayer(nnx.Module):
             self.index = config.mamba_layers.index(layer)
         moe = config.moe_layers[layer]
         self.feed_forward = JambaMoE(config, init) if moe else JambaMLP(config, init)
-        self.input_layernorm = _RMSNorm(config.hidden_size, eps, init)
-        self.pre_ff_layernorm = _RMSNorm(config.hidden_size, eps, init)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, init)
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps, init)
 
     def __call__(self, x, valid, seq_set, mem: ModelMemory):
         h = self.input_layernorm(x)
@@ -337,11 +337,11 @@ class Jamba(nnx.Module):
         self.layers = nnx.List(
             [JambaLayer(config, i, init) for i in range(config.num_hidden_layers)]
         )
-        self.final_layernorm = _RMSNorm(config.hidden_size, config.rms_norm_eps, init)
+        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, init)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = _Linear(config.hidden_size, config.vocab_size, init)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, init)
 
 
 def forward(

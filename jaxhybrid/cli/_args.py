@@ -1,0 +1,235 @@
+"""The demo's command line and the checks of its input (flags, sizes, the plot's file)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+__all__ = ["DemoInputError", "build_parser", "check_plot_path", "check_sizes"]
+
+
+class DemoInputError(ValueError):
+    """Bad flags, an unusable checkpoint directory or sizes the session cannot run with."""
+
+
+def _parsed(convert, ok, expected: str):
+    """An argparse ``type``: ``convert`` the text, then require ``ok(value)``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+_positive = _parsed(int, lambda v: v >= 1, "a positive integer")
+_non_negative = _parsed(int, lambda v: v >= 0, "an integer >= 0")
+_unit_interval = _parsed(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line (every flag is documented in ``--help``).
+
+    Examples:
+        >>> args = build_parser().parse_args(["--requests", "4"])
+        >>> args.requests, args.n_seq, args.ctx
+        (4, None, 40)
+    """
+    p = argparse.ArgumentParser(
+        prog="python -m jaxhybrid",
+        description=(
+            "A scripted continuous-batching session on a Jamba model with jaxhybrid's hybrid "
+            "memory: requests join, one is forked (seq_cp), one is cancelled (seq_rm), one "
+            "conversation is saved and restored into another sequence id, and sequences that "
+            "reach --ctx positions are context-shifted (seq_rm + seq_add + K-shift update). "
+            "Prints progress, tokens/s per phase and memory use."
+        ),
+        epilog=(
+            "Without --model, a tiny Jamba with seeded random weights is built (no download); "
+            "its prompts are random token ids. Exit status: 0 ok, 1 the session failed, "
+            "2 bad flags, checkpoint or sizes."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_flags(p.add_argument_group("model"))
+    _add_session_flags(p.add_argument_group("session"))
+    _add_sampling_flags(p.add_argument_group("sampling"))
+    _add_output_flags(p.add_argument_group("output"))
+    return p
+
+
+def _add_model_flags(m) -> None:
+    m.add_argument(
+        "--model",
+        metavar="DIR",
+        help="Hugging Face Jamba checkpoint directory (config.json and *.safetensors; its "
+        "tokenizer.json is used when present). Default: a tiny seeded model.",
+    )
+    m.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="parameter, K/V and conv-state dtype",
+    )
+    m.add_argument("--seed", type=_non_negative, default=0, help="seed of weights and prompts")
+
+
+def _add_session_flags(s) -> None:
+    s.add_argument(
+        "--requests",
+        type=_positive,
+        default=3,
+        help="requests that join at the start (at least 3: one is forked, one cancelled, one "
+        "saved and restored)",
+    )
+    s.add_argument(
+        "--n-seq",
+        type=_positive,
+        default=None,
+        help="sequence ids of the memory (default: --requests + 1, room for the fork)",
+    )
+    s.add_argument(
+        "--ctx",
+        type=_positive,
+        default=40,
+        help="positions one sequence may hold; a sequence that reaches it is context-shifted",
+    )
+    s.add_argument(
+        "--n-keep",
+        type=_non_negative,
+        default=4,
+        help="positions a context shift keeps at the start of a sequence",
+    )
+    s.add_argument(
+        "--kv-size",
+        type=_positive,
+        default=None,
+        help="KV cells (per stream with --kv-per-seq); default: just enough, --n-seq * --ctx "
+        "(unified) or --ctx (per sequence)",
+    )
+    s.add_argument(
+        "--kv-per-seq",
+        action="store_true",
+        help="one KV stream per sequence instead of one unified cache",
+    )
+    s.add_argument(
+        "--prompt-len",
+        type=_positive,
+        default=16,
+        help="length of the longest random prompt (prompts without a tokenizer)",
+    )
+    s.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="a prompt text (repeatable; needs a checkpoint with tokenizer.json); the prompts "
+        "are used in turn",
+    )
+    s.add_argument("--max-new", type=_positive, default=32, help="tokens each request generates")
+    s.add_argument(
+        "--steps",
+        type=_positive,
+        default=None,
+        help="decode steps of each middle phase (default: --max-new / 5)",
+    )
+    s.add_argument("--n-ubatch", type=_positive, default=32, help="ubatch size of the decodes")
+
+
+def _add_sampling_flags(g) -> None:
+    g.add_argument(
+        "--temperature", type=_finite, default=0.8, help="sampling temperature (<= 0: greedy)"
+    )
+    g.add_argument("--top-k", type=_non_negative, default=40, help="top-k (0: off)")
+    g.add_argument("--top-p", type=_unit_interval, default=0.95, help="top-p (1: off)")
+
+
+def _add_output_flags(o) -> None:
+    o.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="write a PNG of the memory after every phase: KV cells x sequences (colour = "
+        "position) and recurrent cells x sequences",
+    )
+    o.add_argument(
+        "--every",
+        type=_positive,
+        default=4,
+        help="print a progress line every N decode steps (a live line on a terminal)",
+    )
+    o.add_argument("--quiet", action="store_true", help="print only the final summary")
+
+
+def check_plot_path(args: argparse.Namespace) -> None:
+    """Refuses a ``--plot`` file that cannot be written: no folder, or no matplotlib."""
+    if args.plot is None:
+        return
+    folder = os.path.dirname(os.path.abspath(args.plot))
+    if not os.path.isdir(folder):
+        raise DemoInputError(f"--plot {args.plot}: folder {folder} does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise DemoInputError(
+            "--plot needs matplotlib (python -m pip install 'jaxhybrid[demo]')"
+        ) from e
+
+
+def check_sizes(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[int, int]:
+    """Refuses sizes the session cannot run with; returns ``(n_seq, kv_size)``."""
+    r = args.requests
+    if r < 3:
+        raise DemoInputError(
+            f"--requests {r}: the session needs at least 3 requests (one is forked, one "
+            "cancelled, one saved and restored)"
+        )
+    n_seq = r + 1 if args.n_seq is None else args.n_seq
+    if n_seq < r + 1:
+        raise DemoInputError(
+            f"--requests {r} with --n-seq {n_seq}: every running request holds one sequence id, "
+            f"and request 0 is forked while all {r} run, so the session needs {r + 1} sequence "
+            f"ids; use --n-seq {r + 1} or --requests {n_seq - 1}"
+        )
+    longest = max(len(p) for p in prompts)
+    if longest >= args.ctx:
+        raise DemoInputError(
+            f"--ctx {args.ctx} is too small for a prompt of {longest} tokens: a sequence needs "
+            f"at least {longest + 1} positions (prompt + one generated token)"
+        )
+    if args.n_keep > args.ctx - 2:
+        raise DemoInputError(
+            f"--n-keep {args.n_keep} leaves nothing to drop in a context shift: it must be at "
+            f"most --ctx - 2 = {args.ctx - 2}"
+        )
+    return n_seq, _kv_size(args, n_seq)
+
+
+def _kv_size(args: argparse.Namespace, n_seq: int) -> int:
+    need = args.ctx if args.kv_per_seq else n_seq * args.ctx
+    kv_size = need if args.kv_size is None else args.kv_size
+    if kv_size < need:
+        layout = (
+            f"each sequence's stream needs --ctx = {need} cells"
+            if args.kv_per_seq
+            else f"a unified cache needs --n-seq x --ctx = {n_seq} x {args.ctx} = {need} cells"
+        )
+        raise DemoInputError(
+            f"--kv-size {kv_size} is too small: {n_seq} sequences may each hold {args.ctx} "
+            f"positions, and {layout}; raise --kv-size or lower --ctx / --n-seq"
+        )
+    return kv_size
