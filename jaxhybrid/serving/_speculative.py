@@ -126,6 +126,47 @@ def _verify(models: _Models, target_params, c: _Round, drafts, seq_ids, k: int, 
     return t_mem, greedy.astype(_I32), res.code.astype(_I32)
 
 
+def _round(
+    models: _Models, target_params, draft_params, c: _Round, seq_ids, k: int, max_new: int, n_ubatch
+) -> _Round:
+    """One draft-and-verify round: ``k`` drafts, one target batch, the accepted prefix and the
+    target's own next token appended, the rejected drafts rolled back in both memories."""
+    n_seq = seq_ids.shape[0]
+    # The position before ``last`` of each prompt's sequence (ids 0..n_seq-1 of n_seq_max).
+    base = jh.seq_pos_range(c.target_mem, models.target_cfg)[1][:n_seq]
+    d_mem, drafts, code_d = _draft(models, draft_params, c, seq_ids, k, n_ubatch)
+    t_mem, greedy, code_t = _verify(models, target_params, c, drafts, seq_ids, k, n_ubatch)
+    match = jnp.cumprod((drafts == greedy[:, :k]).astype(_I32), axis=1)
+    m = jnp.sum(match, axis=1)  # accepted drafts
+    bonus = greedy[jnp.arange(n_seq), m]  # the target's own next token
+    i = jnp.arange(k + 1)[None, :]
+    padded = jnp.concatenate([drafts, jnp.zeros((n_seq, 1), _I32)], axis=1)
+    new = jnp.where(i < m[:, None], padded, bonus[:, None])
+    n_new = jnp.where(c.active, jnp.minimum(m + 1, max_new - c.count), 0)
+    col = jnp.where(i < n_new[:, None], c.count[:, None] + i, c.out.shape[1])
+    out = c.out.at[jnp.arange(n_seq)[:, None], col].set(new, mode="drop")
+
+    # Both memories keep everything up to the last accepted draft (position base + 1 + m).
+    keep = base + 1 + m
+    t_mem, ok_t = _rollback(t_mem, keep, c.active, models.target_cfg)
+    d_mem, ok_d = _rollback(d_mem, keep, c.active, models.draft_cfg)
+    code = jnp.where(code_d != _OK, code_d, code_t)
+    code = jnp.where((code == _OK) & ~(ok_t & ok_d), jh.DecodeCode.ROLLBACK_REFUSED, code)
+    count = c.count + n_new
+    return _Round(
+        target_mem=t_mem,
+        draft_mem=d_mem,
+        last=bonus,
+        active=c.active & (count < max_new),
+        count=count,
+        out=out,
+        n_rounds=c.n_rounds + 1,
+        n_drafted=c.n_drafted + jnp.sum(jnp.where(c.active, k, 0)),
+        n_accepted=c.n_accepted + jnp.sum(jnp.where(c.active, m, 0)),
+        code=code.astype(_I32),
+    )
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("models", "k", "max_new", "n_ubatch"),
@@ -184,39 +225,7 @@ def _speculate(
     )
 
     def body(c: _Round) -> _Round:
-        # The position before ``last`` of each prompt's sequence (ids 0..n_seq-1 of n_seq_max).
-        base = jh.seq_pos_range(c.target_mem, models.target_cfg)[1][:n_seq]
-        d_mem, drafts, code_d = _draft(models, draft_params, c, seq_ids, k, n_ubatch)
-        t_mem, greedy, code_t = _verify(models, target_params, c, drafts, seq_ids, k, n_ubatch)
-        match = jnp.cumprod((drafts == greedy[:, :k]).astype(_I32), axis=1)
-        m = jnp.sum(match, axis=1)  # accepted drafts
-        bonus = greedy[jnp.arange(n_seq), m]  # the target's own next token
-        i = jnp.arange(k + 1)[None, :]
-        padded = jnp.concatenate([drafts, jnp.zeros((n_seq, 1), _I32)], axis=1)
-        new = jnp.where(i < m[:, None], padded, bonus[:, None])
-        n_new = jnp.where(c.active, jnp.minimum(m + 1, max_new - c.count), 0)
-        col = jnp.where(i < n_new[:, None], c.count[:, None] + i, c.out.shape[1])
-        out = c.out.at[jnp.arange(n_seq)[:, None], col].set(new, mode="drop")
-
-        # Both memories keep everything up to the last accepted draft (position base + 1 + m).
-        keep = base + 1 + m
-        t_mem, ok_t = _rollback(t_mem, keep, c.active, models.target_cfg)
-        d_mem, ok_d = _rollback(d_mem, keep, c.active, models.draft_cfg)
-        code = jnp.where(code_d != _OK, code_d, code_t)
-        code = jnp.where((code == _OK) & ~(ok_t & ok_d), jh.DecodeCode.ROLLBACK_REFUSED, code)
-        count = c.count + n_new
-        return _Round(
-            target_mem=t_mem,
-            draft_mem=d_mem,
-            last=bonus,
-            active=c.active & (count < max_new),
-            count=count,
-            out=out,
-            n_rounds=c.n_rounds + 1,
-            n_drafted=c.n_drafted + jnp.sum(jnp.where(c.active, k, 0)),
-            n_accepted=c.n_accepted + jnp.sum(jnp.where(c.active, m, 0)),
-            code=code.astype(_I32),
-        )
+        return _round(models, target_params, draft_params, c, seq_ids, k, max_new, n_ubatch)
 
     final = jax.lax.while_loop(lambda c: jnp.any(c.active) & (c.code == _OK), body, init)
     return SpeculativeOutput(
