@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxhybrid._status import JaxHybridError
-from jaxhybrid._typing import Array, Bool, Float, Int, Scalar, ScalarBool
+from jaxhybrid.array_typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
 __all__ = [
     "Batch",
@@ -78,6 +78,70 @@ class Batch(NamedTuple):
         return self.pos.shape[0]
 
 
+def _seq_lists(
+    seq_ids: Sequence[int | Sequence[int]] | np.ndarray | None, n: int, n_seq_id_max: int | None
+) -> tuple[list[list[int]], int]:
+    """Per token its list of seq ids (default: sequence 0), and the number of seq-id columns."""
+    if seq_ids is None:
+        seq_lists = [[0]] * n
+    else:
+        if len(seq_ids) != n:
+            raise ValueError(f"seq_ids has {len(seq_ids)} entries for {n} tokens")
+        seq_lists = [
+            [int(s)] if np.ndim(s) == 0 else [int(x) for x in np.asarray(s).reshape(-1)]
+            for s in seq_ids
+        ]
+    widest = max((len(s) for s in seq_lists), default=1)
+    if n_seq_id_max is None:
+        n_seq_id_max = max(widest, 1)
+    if widest > n_seq_id_max:
+        raise ValueError(f"a token has {widest} seq ids, more than n_seq_id_max={n_seq_id_max}")
+    return seq_lists, n_seq_id_max
+
+
+def _seq_id_table(seq_lists: list[list[int]], n_seq_id_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[n, n_seq_id_max]`` seq ids (-1 padded) and the number of ids of each token."""
+    n = len(seq_lists)
+    seq_arr = np.full((n, n_seq_id_max), -1, np.int64)
+    n_seq_arr = np.zeros((n,), np.int64)
+    for i, s in enumerate(seq_lists):
+        seq_arr[i, : len(s)] = s
+        n_seq_arr[i] = len(s)
+    return seq_arr, n_seq_arr
+
+
+def _output_flags(
+    output: Sequence[bool] | np.ndarray | None, n: int, output_all: bool
+) -> np.ndarray:
+    """Per-token output flags from host input (default: the last token, or all)."""
+    if output is not None:
+        out_arr = np.asarray(output, bool).reshape(-1)
+        if out_arr.shape[0] != n:
+            raise ValueError(f"output has {out_arr.shape[0]} entries for {n} tokens")
+        return out_arr
+    out_arr = np.zeros((n,), bool)
+    if output_all:
+        out_arr[:] = True
+    elif n:
+        out_arr[-1] = True
+    return out_arr
+
+
+def _pad_to(a: np.ndarray, n_batch: int, fill, dtype) -> np.ndarray:
+    """``a`` cut or padded with ``fill`` to ``n_batch`` rows."""
+    m = min(a.shape[0], n_batch)
+    full = np.full((n_batch, *a.shape[1:]), fill, dtype)
+    full[:m] = a[:m]
+    return full
+
+
+def _as_i32(a: np.ndarray) -> np.ndarray:
+    # Values outside int32 cannot be represented; clamp to an always-invalid value so that
+    # validation still reports them (token ids and positions are checked for range).
+    lo, hi = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+    return np.clip(a, lo, hi).astype(np.int32)
+
+
 def make_batch(
     tokens: Sequence[int] | np.ndarray | None = None,
     *,
@@ -131,21 +195,7 @@ def make_batch(
     if n_batch < 1:
         raise ValueError(f"n_batch must be >= 1, got {n_batch}")
 
-    if seq_ids is None:
-        seq_lists = [[0]] * n
-    else:
-        if len(seq_ids) != n:
-            raise ValueError(f"seq_ids has {len(seq_ids)} entries for {n} tokens")
-        seq_lists = [
-            [int(s)] if np.ndim(s) == 0 else [int(x) for x in np.asarray(s).reshape(-1)]
-            for s in seq_ids
-        ]
-    widest = max((len(s) for s in seq_lists), default=1)
-    if n_seq_id_max is None:
-        n_seq_id_max = max(widest, 1)
-    if widest > n_seq_id_max:
-        raise ValueError(f"a token has {widest} seq ids, more than n_seq_id_max={n_seq_id_max}")
-
+    seq_lists, n_seq_id_max = _seq_lists(seq_ids, n, n_seq_id_max)
     auto_pos = pos is None
     if pos is not None:
         pos_arr = np.asarray(pos, np.int64).reshape(-1)
@@ -154,42 +204,18 @@ def make_batch(
     else:
         pos_arr = np.zeros((n,), np.int64)
 
-    if output is not None:
-        out_arr = np.asarray(output, bool).reshape(-1)
-        if out_arr.shape[0] != n:
-            raise ValueError(f"output has {out_arr.shape[0]} entries for {n} tokens")
-    else:
-        out_arr = np.zeros((n,), bool)
-        if output_all:
-            out_arr[:] = True
-        elif n:
-            out_arr[-1] = True
-
-    m = min(n, n_batch)
+    out_arr = _output_flags(output, n, output_all)
+    seq_arr, n_seq_arr = _seq_id_table(seq_lists, n_seq_id_max)
 
     def pad(a, fill, dtype):
-        full = np.full((n_batch, *a.shape[1:]), fill, dtype)
-        full[:m] = a[:m]
-        return full
-
-    def as_i32(a, what):
-        # Values outside int32 cannot be represented; clamp to an always-invalid value so that
-        # validation still reports them (token ids and positions are checked for range).
-        lo, hi = np.iinfo(np.int32).min, np.iinfo(np.int32).max
-        return np.clip(a, lo, hi).astype(np.int32)
-
-    seq_arr = np.full((max(n, 0), n_seq_id_max), -1, np.int64)
-    n_seq_arr = np.zeros((n,), np.int64)
-    for i, s in enumerate(seq_lists):
-        seq_arr[i, : len(s)] = s
-        n_seq_arr[i] = len(s)
+        return _pad_to(a, n_batch, fill, dtype)
 
     return Batch(
-        token=jnp.asarray(pad(as_i32(token_arr, "token"), 0, np.int32)),
+        token=jnp.asarray(pad(_as_i32(token_arr), 0, np.int32)),
         embd=None if embd is None else jnp.asarray(pad(embd, 0.0, np.float32)),
-        pos=jnp.asarray(pad(as_i32(pos_arr, "pos"), 0, np.int32)),
-        seq_id=jnp.asarray(pad(as_i32(seq_arr, "seq_id"), -1, np.int32)),
-        n_seq_id=jnp.asarray(pad(as_i32(n_seq_arr, "n_seq_id"), 0, np.int32)),
+        pos=jnp.asarray(pad(_as_i32(pos_arr), 0, np.int32)),
+        seq_id=jnp.asarray(pad(_as_i32(seq_arr), -1, np.int32)),
+        n_seq_id=jnp.asarray(pad(_as_i32(n_seq_arr), 0, np.int32)),
         output=jnp.asarray(pad(out_arr, False, bool)),
         auto_pos=jnp.asarray(auto_pos),
         n_tokens=jnp.asarray(n, jnp.int32),
@@ -417,9 +443,8 @@ def _rule_no_seq_id(f: _Facts) -> _Finding:
 
 def _rule_seq_id_out_of_range(f: _Facts) -> _Finding:
     b, n_seq_max = f.batch, f.member.shape[1]
-    any_, t, _, row = _first_cell(f.cols_ok & ((b.seq_id < 0) | (b.seq_id >= n_seq_max)))
-    bad_cell = f.cols_ok[row] & ((b.seq_id[row] < 0) | (b.seq_id[row] >= n_seq_max))
-    bad_id = b.seq_id[row, jnp.argmax(bad_cell)]
+    any_, t, col, row = _first_cell(f.cols_ok & ((b.seq_id < 0) | (b.seq_id >= n_seq_max)))
+    bad_id = b.seq_id[row, jnp.maximum(col, 0)]
     return _finding(any_, t, bad_id, n_seq_max, bad_id)
 
 
@@ -427,8 +452,8 @@ def _rule_duplicate_seq_id(f: _Facts) -> _Finding:
     ids, ok = f.batch.seq_id, f.cols_ok
     same = (ids[:, :, None] == ids[:, None, :]) & (ok[:, :, None] & ok[:, None, :])
     dup_cell = jnp.any(same & ~jnp.eye(ids.shape[1], dtype=bool)[None], axis=2)
-    any_, t, _, row = _first_cell(dup_cell)
-    dup_id = ids[row, jnp.argmax(dup_cell[row])]
+    any_, t, col, row = _first_cell(dup_cell)
+    dup_id = ids[row, jnp.maximum(col, 0)]
     return _finding(any_, t, dup_id, -1, dup_id)
 
 

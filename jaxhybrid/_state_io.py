@@ -22,7 +22,7 @@ gather on device, one device-to-host copy). Reading parses and validates the who
 every placement *before* touching the memory; only then are the rows copied to the device (one
 host-to-device copy per buffer) and scattered into a new memory. So a bad blob, whatever is wrong
 with it (truncated, extended, corrupted, another configuration, counts over capacity), returns the
-memory it was given, unchanged, with a status naming the problem (DESIGN.md difference 1).
+memory it was given, unchanged, with a status naming the problem (docs/semantics.md difference 1).
 llama.cpp instead clears the destination sequence, or everything, on a failed restore (§9.3.6).
 """
 
@@ -97,8 +97,9 @@ class StateError(JaxHybridError):
     """A state blob or file that cannot be restored into the memory given."""
 
 
-class _Bad(Exception):
-    """Raised inside the reader; becomes a failed :class:`StateStatus`."""
+class _Bad(StateError):
+    """Raised inside the reader; :func:`state_read` turns it into a failed :class:`StateStatus`
+    (its message says what is wrong with the blob)."""
 
 
 Memory = KVCache | RecurrentMemory | HybridMemory
@@ -421,7 +422,7 @@ def state_write(
     kind = _kind(mem, cfg)
     flags = StateFlags(flags)
     seq_id = _check_seq(seq_id, _n_seq_max(cfg))
-    _, recr = _parts(mem, cfg, flags)
+    kv, recr = _parts(mem, cfg, flags)
     if flags & StateFlags.SNAPSHOTS and recr is not None and not recr[1].n_snapshots:
         raise ValueError("flags has SNAPSHOTS but this memory keeps none (n_snapshots=0)")
     desc = json.dumps(_desc(cfg), sort_keys=True).encode()
@@ -433,7 +434,6 @@ def state_write(
     w.i32(seq_id)
     w.u32(len(desc))
     w.raw(desc)
-    kv, recr = _parts(mem, cfg, flags)
     if kv is not None:
         _write_kv(w, *kv, seq_id)
     if recr is not None:
@@ -691,128 +691,186 @@ def _free_cells(used: np.ndarray, head: int, n: int) -> np.ndarray | None:
     return free[:n].astype(np.int32) if len(free) >= n else None
 
 
+class _KVPlan(NamedTuple):
+    """A planned KV restore: host copies of the new cell metadata, and the parsed row blocks
+    with the ``(stream, cell)`` each goes to."""
+
+    pos: np.ndarray  # [streams, cells]
+    seq: np.ndarray  # [streams, cells, seqs]
+    shift: np.ndarray  # [streams, cells]
+    head: np.ndarray  # [streams]
+    streams: list[np.ndarray]  # per block
+    cells: list[np.ndarray]  # per block
+    rows: list[list[list[np.ndarray]]]  # per block: the K and V rows, per layer
+    clear: bool  # the K/V buffers start from zeros (whole restore)
+
+
+def _plan_kv_whole(cfg: KVConfig, rec: list[_Cells | None]) -> _KVPlan:
+    """§9.3.4: clear, then cells ``[0, n)`` of each stream receive the stored cells."""
+    st, size = cfg.n_stream, cfg.kv_size
+    plan = _KVPlan(
+        pos=np.full((st, size), -1, np.int32),
+        seq=np.zeros((st, size, cfg.n_seq_max), np.bool_),
+        shift=np.zeros((st, size), np.int32),
+        head=np.zeros((st,), np.int32),
+        streams=[],
+        cells=[],
+        rows=[],
+        clear=True,
+    )
+    for s, c in enumerate(rec):
+        if c is None:
+            continue
+        n = len(c.pos)
+        plan.pos[s, :n] = c.pos
+        for i, ids in enumerate(c.ids):
+            plan.seq[s, i, ids] = True
+        plan.streams.append(np.full(n, s, np.int32))
+        plan.cells.append(np.arange(n, dtype=np.int32))
+        plan.rows.append(c.rows)
+    return plan
+
+
+def _plan_kv_seq(cache: KVCache, cfg: KVConfig, rec: list[_Cells | None], seq_id: int) -> _KVPlan:
+    """§9.3.3: the destination's cells are dropped, then the stored cells go to free cells of its
+    stream. Done on host copies of the metadata, so nothing changes if they do not fit (raises
+    :class:`_Bad`)."""
+    cur = jax.device_get(cache.cells)  # by name, as for the recurrent cells
+    pos, seqs, shift, head = (np.array(x) for x in (cur.pos, cur.seq, cur.shift, cur.head))
+    seqs[:, :, seq_id] = False
+    freed = (pos >= 0) & ~np.any(seqs, axis=-1)
+    pos[freed] = -1
+    shift[freed] = 0
+    for s in range(cfg.n_stream):
+        if np.any(freed[s]):
+            head[s] = min(head[s], int(np.argmax(freed[s])))
+    plan = _KVPlan(pos, seqs, shift, head, streams=[], cells=[], rows=[], clear=False)
+    c = next((c for c in rec if c is not None), None)
+    if c is None:
+        return plan
+    s = 0 if cfg.unified else seq_id
+    n = len(c.pos)
+    free = _free_cells(pos[s] >= 0, int(head[s]), n)
+    if free is None:
+        n_free = int(np.sum(pos[s] < 0))
+        raise _Bad(
+            f"sequence needs {n} cells, stream {s} has {n_free} free after removing "
+            f"sequence {seq_id}"
+        )
+    pos[s, free] = c.pos
+    seqs[s, free, seq_id] = True
+    shift[s, free] = 0
+    head[s] = free[-1] + 1
+    plan.streams.append(np.full(n, s, np.int32))
+    plan.cells.append(free)
+    plan.rows.append(c.rows)
+    return plan
+
+
 def _restore_kv(cache: KVCache, cfg: KVConfig, rec: list[_Cells | None], seq_id: int) -> KVCache:
     """Plans and applies a parsed KV record (§9.3); raises :class:`_Bad` before any change."""
-    st, size, n_seq = cfg.n_stream, cfg.kv_size, cfg.n_seq_max
-    if seq_id == -1:
-        # §9.3.4: clear, then cells [0, n) of each stream receive the stored cells.
-        pos = np.full((st, size), -1, np.int32)
-        seqs = np.zeros((st, size, n_seq), np.bool_)
-        head = np.zeros((st,), np.int32)
-        shift = np.zeros((st, size), np.int32)
-        streams, cells, rows = [], [], []
-        for s, c in enumerate(rec):
-            if c is None:
-                continue
-            n = len(c.pos)
-            pos[s, :n] = c.pos
-            for i, ids in enumerate(c.ids):
-                seqs[s, i, ids] = True
-            streams.append(np.full(n, s, np.int32))
-            cells.append(np.arange(n, dtype=np.int32))
-            rows.append(c.rows)
-        clear = True
-    else:
-        # §9.3.3: the destination's cells are dropped, then the stored cells go to free cells of
-        # its stream. Done on host copies of the metadata, so nothing changes if they do not fit.
-        cur = jax.device_get(cache.cells)  # by name, as for the recurrent cells
-        pos, seqs, shift, head = (np.array(x) for x in (cur.pos, cur.seq, cur.shift, cur.head))
-        seqs[:, :, seq_id] = False
-        freed = (pos >= 0) & ~np.any(seqs, axis=-1)
-        pos[freed] = -1
-        shift[freed] = 0
-        for s in range(st):
-            if np.any(freed[s]):
-                head[s] = min(head[s], int(np.argmax(freed[s])))
-        c = next((c for c in rec if c is not None), None)
-        streams, cells, rows = [], [], []
-        if c is not None:
-            s = 0 if cfg.unified else seq_id
-            n = len(c.pos)
-            free = _free_cells(pos[s] >= 0, int(head[s]), n)
-            if free is None:
-                n_free = int(np.sum(pos[s] < 0))
-                raise _Bad(
-                    f"sequence needs {n} cells, stream {s} has {n_free} free after removing "
-                    f"sequence {seq_id}"
-                )
-            pos[s, free] = c.pos
-            seqs[s, free, seq_id] = True
-            shift[s, free] = 0
-            head[s] = free[-1] + 1
-            streams.append(np.full(n, s, np.int32))
-            cells.append(free)
-            rows.append(c.rows)
-        clear = False
+    plan = _plan_kv_whole(cfg, rec) if seq_id == -1 else _plan_kv_seq(cache, cfg, rec, seq_id)
     new_cells = KVCells(
-        pos=_like(jnp.asarray(pos), cache.cells.pos),
-        seq=_like(jnp.asarray(seqs), cache.cells.seq),
-        shift=_like(jnp.asarray(shift), cache.cells.shift),
-        head=_like(jnp.asarray(head, jnp.int32), cache.cells.head),
+        pos=_like(jnp.asarray(plan.pos), cache.cells.pos),
+        seq=_like(jnp.asarray(plan.seq), cache.cells.seq),
+        shift=_like(jnp.asarray(plan.shift), cache.cells.shift),
+        head=_like(jnp.asarray(plan.head, jnp.int32), cache.cells.head),
     )
-    if not rows:
-        k, v = (jnp.zeros_like(b) for b in (cache.k, cache.v)) if clear else (cache.k, cache.v)
+    if not plan.rows:
+        if plan.clear:
+            k, v = (jnp.zeros_like(b) for b in (cache.k, cache.v))
+        else:
+            k, v = cache.k, cache.v
         return KVCache(new_cells, _like(k, cache.k), _like(v, cache.v))
-    segments = [[r[i] for r in rows] for i in range(2)]
-    k, v = _store(
-        (cache.k, cache.v), np.concatenate(streams), np.concatenate(cells), segments, 2, clear
-    )
+    segments = [[r[i] for r in plan.rows] for i in range(2)]
+    streams, cells = np.concatenate(plan.streams), np.concatenate(plan.cells)
+    k, v = _store((cache.k, cache.v), streams, cells, segments, 2, plan.clear)
     return KVCache(new_cells, k, v)
+
+
+class _RecurrentPlan(NamedTuple):
+    """A planned recurrent restore: host copies of the new cell metadata and the cells the
+    parsed rows go to (in record order)."""
+
+    pos: np.ndarray  # [rs]
+    seq: np.ndarray  # [rs, seqs]
+    tail: np.ndarray  # [seqs]
+    head: int
+    snap: np.ndarray  # [rs, n_snapshots]
+    cells: np.ndarray  # [n]
+    clear: bool  # the state buffers start from zeros (whole restore)
+
+
+def _plan_recurrent_whole(cfg: RecurrentConfig, rec: _Cells | None) -> _RecurrentPlan:
+    """§9.5 whole: clear, then cells ``[0, n)`` receive the stored cells, head 0."""
+    rs = cfg.rs_size
+    plan = _RecurrentPlan(
+        pos=np.full((rs,), -1, np.int32),
+        seq=np.zeros((rs, cfg.n_seq_max), np.bool_),
+        tail=np.full((cfg.n_seq_max,), -1, np.int32),
+        head=0,
+        snap=np.full((rs, cfg.n_snapshots), -1, np.int32),
+        cells=np.zeros((0,), np.int32),
+        clear=True,
+    )
+    if rec is None:
+        return plan
+    n = len(rec.pos)
+    plan.pos[:n] = rec.pos
+    for i, ids in enumerate(rec.ids):
+        plan.seq[i, ids] = True
+        plan.tail[ids] = i
+    if rec.snap is not None:
+        plan.snap[:n] = rec.snap
+    return plan._replace(cells=np.arange(n, dtype=np.int32))
+
+
+def _plan_recurrent_seq(
+    mem: RecurrentMemory, cfg: RecurrentConfig, rec: _Cells | None, seq_id: int
+) -> _RecurrentPlan:
+    """§9.5 per sequence: the destination leaves its cell, then the stored state goes to the
+    first free cell from the head."""
+    cur = jax.device_get(mem.cells)  # by name: the cells may carry more fields (snapshots)
+    pos, seqs, tail = (np.array(x) for x in (cur.pos, cur.seq, cur.tail))
+    head = int(cur.head)
+    snap = np.full((cfg.rs_size, 0), -1, np.int32) if cur.snap is None else np.array(cur.snap)
+    old = int(tail[seq_id])
+    if old >= 0:
+        seqs[old, seq_id] = False
+        tail[seq_id] = -1
+        if not np.any(seqs[old]):
+            pos[old] = -1
+            snap[old] = -1
+            head = min(head, old)
+    cells = np.zeros((0,), np.int32)
+    if rec is not None:
+        free = _free_cells(np.any(seqs, axis=1), head, 1)
+        if free is None:  # cannot happen: a sequence holds at most one of rs >= n_seq cells
+            raise _Bad("no free recurrent cell for the sequence")
+        cells = free
+        pos[free] = rec.pos
+        seqs[free, seq_id] = True
+        snap[free] = -1 if rec.snap is None else rec.snap
+        tail[seq_id] = free[0]
+        head = (int(free[0]) + 1) % cfg.rs_size
+    return _RecurrentPlan(pos, seqs, tail, head, snap, cells, clear=False)
 
 
 def _restore_recurrent(
     mem: RecurrentMemory, cfg: RecurrentConfig, rec: _Cells | None, seq_id: int
 ) -> RecurrentMemory:
     """Plans and applies a parsed recurrent record (§9.5)."""
-    rs, n_seq = cfg.rs_size, cfg.n_seq_max
     if seq_id == -1:
-        pos = np.full((rs,), -1, np.int32)
-        seqs = np.zeros((rs, n_seq), np.bool_)
-        tail = np.full((n_seq,), -1, np.int32)
-        head = 0
-        snap = np.full((rs, cfg.n_snapshots), -1, np.int32)
-        cells = np.zeros((0,), np.int32)
-        if rec is not None:
-            n = len(rec.pos)
-            cells = np.arange(n, dtype=np.int32)
-            pos[:n] = rec.pos
-            for i, ids in enumerate(rec.ids):
-                seqs[i, ids] = True
-                tail[ids] = i
-            if rec.snap is not None:
-                snap[:n] = rec.snap
-        clear = True
+        plan = _plan_recurrent_whole(cfg, rec)
     else:
-        cur = jax.device_get(mem.cells)  # by name: the cells may carry more fields (snapshots)
-        pos, seqs, tail = (np.array(x) for x in (cur.pos, cur.seq, cur.tail))
-        head = int(cur.head)
-        snap = np.full((rs, 0), -1, np.int32) if cur.snap is None else np.array(cur.snap)
-        old = int(tail[seq_id])
-        if old >= 0:
-            seqs[old, seq_id] = False
-            tail[seq_id] = -1
-            if not np.any(seqs[old]):
-                pos[old] = -1
-                snap[old] = -1
-                head = min(head, old)
-        cells = np.zeros((0,), np.int32)
-        if rec is not None:
-            free = _free_cells(np.any(seqs, axis=1), head, 1)
-            if free is None:  # cannot happen: a sequence holds at most one of rs >= n_seq cells
-                raise _Bad("no free recurrent cell for the sequence")
-            cells = free
-            pos[free] = rec.pos
-            seqs[free, seq_id] = True
-            snap[free] = -1 if rec.snap is None else rec.snap
-            tail[seq_id] = free[0]
-            head = (int(free[0]) + 1) % rs
-        clear = False
+        plan = _plan_recurrent_seq(mem, cfg, rec, seq_id)
+    cur = mem.cells
     new_cells = RecurrentCells(
-        pos=_like(jnp.asarray(pos), mem.cells.pos),
-        seq=_like(jnp.asarray(seqs), mem.cells.seq),
-        tail=_like(jnp.asarray(tail), mem.cells.tail),
-        head=_like(jnp.asarray(head, jnp.int32), mem.cells.head),
-        snap=None if mem.cells.snap is None else _like(jnp.asarray(snap), mem.cells.snap),
+        pos=_like(jnp.asarray(plan.pos), cur.pos),
+        seq=_like(jnp.asarray(plan.seq), cur.seq),
+        tail=_like(jnp.asarray(plan.tail), cur.tail),
+        head=_like(jnp.asarray(plan.head, jnp.int32), cur.head),
+        snap=None if cur.snap is None else _like(jnp.asarray(plan.snap), cur.snap),
     )
     bufs = [b for b in (mem.r, mem.s, mem.snap_r, mem.snap_s) if b is not None]
     # Snapshot rows come with the blob (SNAPSHOTS) or are left as they are: without positions
@@ -820,8 +878,9 @@ def _restore_recurrent(
     n_rows = 0 if rec is None else len(rec.rows)
     out = list(bufs)
     if n_rows:
-        out[:n_rows] = _store(bufs[:n_rows], cells, cells, [[x] for x in rec.rows], 1, clear)
-    if clear:
+        rows = [[x] for x in rec.rows]
+        out[:n_rows] = _store(bufs[:n_rows], plan.cells, plan.cells, rows, 1, plan.clear)
+    if plan.clear:
         out[n_rows:] = [_like(jnp.zeros_like(b), b) for b in bufs[n_rows:]]
     names = ("r", "s", "snap_r", "snap_s")[: len(out)]
     return mem._replace(cells=new_cells, **dict(zip(names, out, strict=True)))

@@ -1,4 +1,5 @@
-"""Memory statuses (spec §8) and the host-side exceptions built from status codes."""
+"""Memory statuses (spec §8), the base of the host-side exceptions built from status codes, and
+:func:`select_tree`, how a failed operation hands back its input."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import jax.numpy as jnp
 
 __all__ = [
     "JaxHybridError",
-    "select_tree",
     "MemoryStatus",
     "combine_status",
     "is_fail",
+    "select_tree",
 ]
 
 
@@ -51,10 +52,24 @@ def combine_status(s0, s1):
 
 
 class JaxHybridError(RuntimeError):
-    """Base class of the exceptions raised by host-side helpers."""
+    """Base class of every exception jaxhybrid raises from a host-side helper (an invalid batch, a
+    failed decode, a state that cannot be restored).
+
+    It derives from ``RuntimeError`` so that code catching that keeps working; subclasses may
+    also derive from a more precise builtin (``BatchError`` is a ``ValueError``). Each message
+    names what was wrong.
+    """
 
 
 def select_tree(ok, new, old):
     """``new`` where ``ok`` else ``old``, leaf by leaf: how a failed operation returns its input
-    unchanged (DESIGN.md difference 1) without a host round-trip."""
+    unchanged (docs/semantics.md difference 1) without a host round-trip.
+
+    ``ok`` is a (traced) boolean scalar; ``new`` and ``old`` have the same tree structure, shapes
+    and dtypes.
+
+    Examples:
+        >>> int(select_tree(jnp.bool_(False), {"a": jnp.int32(1)}, {"a": jnp.int32(2)})["a"])
+        2
+    """
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)

@@ -12,6 +12,7 @@ import pytest
 import ref_batch as ref
 
 import jaxhybrid as jh
+from jaxhybrid import _batch as jh_batch
 
 N_SEQ_ID_MAX = 3
 BUCKETS = [(8, 4), (16, 6)]  # (n_batch, n_seq_max): a few fixed shapes, one compile each
@@ -274,6 +275,26 @@ def test_each_rule_has_a_code_and_a_precise_message(kwargs, mem_max, code, messa
     assert info.value.code == code
 
 
+def test_rules_are_tried_in_the_order_of_their_codes():
+    # validate reports the first failing rule of its table: one rule per code, in code order
+    assert [rule.code for rule in jh_batch._RULES] == list(jh.BatchErrorCode)[1:]
+    # Given a token that breaks three rules (id, seq id, position)
+    batch = jh.make_batch([N_VOCAB], pos=[-1], seq_ids=[9], n_batch=4)
+    # Then the earliest is reported, with its own details
+    check = _check(batch)[1]
+    assert int(check.code) == jh.BatchErrorCode.TOKEN_OUT_OF_RANGE
+    assert (int(check.token), int(check.expected), int(check.found)) == (0, N_VOCAB, N_VOCAB)
+    # ... and without the token-id check (embeddings) the next one
+    assert int(_check(batch, n_vocab=None)[1].code) == jh.BatchErrorCode.SEQ_ID_OUT_OF_RANGE
+
+
+def test_batch_error_is_a_jaxhybrid_error_and_a_value_error():
+    batch = jh.make_batch([1], pos=[-1], n_batch=4)
+    with pytest.raises(jh.JaxHybridError, match=r"NEGATIVE_POSITION.*token 0.*found position -1"):
+        jh.raise_for_check(_check(batch)[1])
+    assert issubclass(jh.BatchError, ValueError) and issubclass(jh.BatchError, RuntimeError)
+
+
 def test_repeated_position_is_rejected_although_llama_cpp_accepts_it():
     # Given two tokens of sequence 0 at the same position (Q2: upstream lets it through)
     batch = jh.make_batch([1, 2], pos=[0, 0], n_batch=4)
@@ -379,7 +400,7 @@ def test_sequential_split_of_seqs_0_and_2_takes_two_ubatches():
     batch = jh.make_batch([1, 2], seq_ids=[0, 2], n_batch=4)
     seq = _split_lists(batch, jh.SplitKind.EQUAL, 4, sequential=True)
     non_seq = _split_lists(batch, jh.SplitKind.EQUAL, 4, sequential=False)
-    # Then the sequential split needs two ubatches, the non-sequential one (DESIGN diff 5) one
+    # Then the sequential split needs two ubatches, the non-sequential one (difference 5) one
     assert seq[0] == [[0], [1]]
     assert non_seq[0] == [[0, 1]]
 

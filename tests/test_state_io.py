@@ -366,7 +366,8 @@ def test_crafted_records_are_refused():
             n_ubatch=2,
             n_seq_max=3,
         )
-        mem, slot = jh.recurrent.find_slot(mem, ub, cfg)
+        slot = jh.recurrent.find_slot(mem, ub, cfg)
+        mem = jh.recurrent.apply_ubatch(mem, ub, slot, cfg)
         assert bool(slot.ok)
     blob = bytearray(jh.state_write(mem, cfg)[:-4])
     # cells are [pos=0, n=1, id=0] and [pos=0, n=1, id=1]: make the second one name seq 0
@@ -411,6 +412,15 @@ def test_pending_shift_must_be_applied_before_saving():
     jh.state_write(mem, cfg, 0)  # other sequences have no pending shift
     with pytest.raises(ValueError, match="seq_id"):
         jh.state_write(mem, cfg, N_SEQ)
+
+
+def test_state_errors_are_jaxhybrid_errors_and_runtime_errors():
+    # One base for every host-side exception (still a RuntimeError for existing handlers)
+    assert issubclass(jh.StateError, jh.JaxHybridError)
+    assert issubclass(jh.JaxHybridError, RuntimeError)
+    cfg = _config(True)
+    with pytest.raises(jh.JaxHybridError, match="cannot restore state: blob of 3 bytes"):
+        jh.load_state(jh.init_hybrid(cfg), cfg, b"abc")
 
 
 def test_state_files_carry_tokens_and_reject_other_files(tmp_path):
