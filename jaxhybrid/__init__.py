@@ -1,6 +1,6 @@
 """jaxhybrid: inference memory for hybrid attention + recurrent models, as pure JAX pytrees."""
 
-from jaxhybrid import kv, recurrent
+from jaxhybrid import array_typing, kv, recurrent
 from jaxhybrid._batch import (
     Batch,
     BatchCheck,
@@ -22,13 +22,14 @@ from jaxhybrid._batch import (
 from jaxhybrid._checkpoint import Checkpoint, checkpoint, restore_checkpoint
 from jaxhybrid._config import KVConfig, RecurrentConfig, SWAType
 from jaxhybrid._hybrid import (
+    DecodeCode,
     DecodeError,
     DecodeResult,
     HybridConfig,
     HybridMemory,
     LayerKind,
     Placement,
-    apply_ubatch,
+    apply,
     can_shift,
     clear,
     decode,
@@ -52,6 +53,7 @@ from jaxhybrid._hybrid import (
     write_kv,
     write_states,
 )
+from jaxhybrid._model import HybridModel, StepFn
 from jaxhybrid._sharding import (
     constrain_memory,
     init_hybrid_sharded,
@@ -71,11 +73,12 @@ from jaxhybrid._state_io import (
     state_read,
     state_write,
 )
-from jaxhybrid._status import JaxHybridError, MemoryStatus, combine_status, is_fail
+from jaxhybrid._status import JaxHybridError, MemoryStatus, combine_status, is_fail, select_tree
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
+    "array_typing",
     "kv",
     "recurrent",
     "Batch",
@@ -83,10 +86,12 @@ __all__ = [
     "BatchError",
     "BatchErrorCode",
     "Checkpoint",
+    "DecodeCode",
     "DecodeError",
     "DecodeResult",
     "HybridConfig",
     "HybridMemory",
+    "HybridModel",
     "JaxHybridError",
     "KVConfig",
     "LayerKind",
@@ -95,12 +100,13 @@ __all__ = [
     "RecurrentConfig",
     "SWAType",
     "SplitKind",
+    "StepFn",
     "StateError",
     "StateFlags",
     "StateStatus",
     "UBatch",
     "UBatchPlan",
-    "apply_ubatch",
+    "apply",
     "can_shift",
     "checkpoint",
     "clear",
@@ -137,6 +143,7 @@ __all__ = [
     "seq_pos_min",
     "seq_pos_range",
     "seq_rm",
+    "select_tree",
     "shard_memory",
     "split",
     "split_equal",

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 
 from jaxhybrid import _kv_cache as kvc
 from jaxhybrid import _recurrent as rec
+from jaxhybrid._cells import i32_scalar, seq_ok
 from jaxhybrid._hybrid import HybridConfig, HybridMemory
 from jaxhybrid._status import select_tree
-from jaxhybrid._typing import Array, Scalar, ScalarBool
+from jaxhybrid.array_typing import Array, Scalar, ScalarBool
 
 __all__ = ["Checkpoint", "checkpoint", "restore_checkpoint"]
 
@@ -49,8 +50,8 @@ def checkpoint(mem: HybridMemory, seq, cfg: HybridConfig) -> Checkpoint:
         -1
     """
     cells = mem.recurrent.cells
-    seq = jnp.asarray(seq, jnp.int32)
-    valid = (seq >= 0) & (seq < cfg.n_seq_max)
+    seq = i32_scalar(seq)
+    valid = seq_ok(seq, cfg.n_seq_max)
     t = cells.tail[jnp.clip(seq, 0, cfg.n_seq_max - 1)]
     tc = jnp.clip(t, 0, cfg.recurrent.rs_size - 1)
     has = valid & (t >= 0)
@@ -75,7 +76,7 @@ def restore_checkpoint(
     Returns:
         ``(mem, ok)``.
     """
-    seq = jnp.asarray(seq, jnp.int32)
+    seq = i32_scalar(seq)
     kv_max = kvc.seq_pos_max(mem.kv, seq, cfg.kv)
     reach = (ckpt.pos >= 0) & (ckpt.pos <= kv_max)
     kv, ok_a = kvc.seq_rm(mem.kv, seq, ckpt.pos + 1, -1, cfg.kv)

@@ -7,7 +7,7 @@ batch with the rule of §6.8 and dry-runs the placement in the recurrent part fi
 attention part second (§7.3); applying ubatch ``u`` places it in both parts and returns the
 :class:`Placement` the model's layers read and write memory through.
 
-Deliberate differences from llama.cpp (see DESIGN.md): failed operations return the memory they
+Deliberate differences from llama.cpp (docs/semantics.md): failed operations return the memory they
 were given (1), hybrid ``seq_rm`` is atomic (2), the unified split is non-sequential (5), and every
 other sequence operation is all-or-nothing over both parts.
 """
@@ -36,19 +36,21 @@ from jaxhybrid._batch import (
     split,
     validate,
 )
+from jaxhybrid._cells import i32_scalar, seq_ok
 from jaxhybrid._config import KVConfig, RecurrentConfig
 from jaxhybrid._status import JaxHybridError, MemoryStatus, combine_status
 from jaxhybrid._status import select_tree as _select
-from jaxhybrid._typing import Array, Bool, Float, Int, Scalar, ScalarBool
+from jaxhybrid.array_typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
 __all__ = [
+    "DecodeCode",
     "DecodeError",
     "DecodeResult",
     "HybridConfig",
     "HybridMemory",
     "LayerKind",
     "Placement",
-    "apply_ubatch",
+    "apply",
     "can_shift",
     "clear",
     "decode",
@@ -188,7 +190,7 @@ class HybridConfig:
     @property
     def split_kind(self) -> tuple[SplitKind, bool]:
         """The split of §6.8 for ``embd_all == False``: equal, sequential only with KV streams
-        (DESIGN.md difference 5)."""
+        (docs/semantics.md difference 5)."""
         return SplitKind.EQUAL, not self.kv.unified
 
 
@@ -224,17 +226,15 @@ def seq_pos_range(
 def seq_pos_min(mem: HybridMemory, seq, cfg: HybridConfig) -> Scalar:
     """Smallest position of ``seq`` available in both parts (-1 if none)."""
     lo, _ = seq_pos_range(mem, cfg)
-    s = jnp.asarray(seq, _I32)
-    ok = (s >= 0) & (s < cfg.n_seq_max)
-    return jnp.where(ok, lo[jnp.clip(s, 0, cfg.n_seq_max - 1)], -1)
+    s = i32_scalar(seq)
+    return jnp.where(seq_ok(s, cfg.n_seq_max), lo[jnp.clip(s, 0, cfg.n_seq_max - 1)], -1)
 
 
 def seq_pos_max(mem: HybridMemory, seq, cfg: HybridConfig) -> Scalar:
     """Largest position of ``seq`` available in both parts (-1 if none)."""
     _, hi = seq_pos_range(mem, cfg)
-    s = jnp.asarray(seq, _I32)
-    ok = (s >= 0) & (s < cfg.n_seq_max)
-    return jnp.where(ok, hi[jnp.clip(s, 0, cfg.n_seq_max - 1)], -1)
+    s = i32_scalar(seq)
+    return jnp.where(seq_ok(s, cfg.n_seq_max), hi[jnp.clip(s, 0, cfg.n_seq_max - 1)], -1)
 
 
 def can_shift(cfg: HybridConfig) -> bool:
@@ -247,10 +247,11 @@ def can_shift(cfg: HybridConfig) -> bool:
 
 
 def seq_rm(mem: HybridMemory, seq, p0, p1, cfg: HybridConfig) -> tuple[HybridMemory, ScalarBool]:
-    """Removes positions ``[p0, p1)`` of ``seq`` from both parts, atomically.
+    """Removes positions ``[p0, p1)`` of ``seq`` (-1 = every sequence) from both parts,
+    atomically; any other id outside ``[0, n_seq_max)`` is refused (difference 13).
 
     The recurrent part decides first; if it refuses (a partial removal that would need to rewind
-    a state, §5.7.1) nothing changes at all (DESIGN.md difference 2). A middle or leading range of
+    a state, §5.7.1) nothing changes at all (difference 2). A middle or leading range of
     a live sequence succeeds and trims only the attention part (the state cannot forget).
     """
     recr, ok_r = rec.seq_rm(mem.recurrent, seq, p0, p1, cfg.recurrent)
@@ -309,9 +310,11 @@ def seq_div(
     )
 
 
-def clear(mem: HybridMemory, data: bool = True) -> HybridMemory:
-    """Empties both parts (and zeroes their buffers when ``data``)."""
-    return HybridMemory(kvc.clear(mem.kv, data), rec.clear(mem.recurrent, data))
+def clear(mem: HybridMemory, cfg: HybridConfig, *, data: bool | ScalarBool = True) -> HybridMemory:
+    """Empties both parts (and zeroes their buffers when ``data``, static or traced)."""
+    return HybridMemory(
+        kvc.clear(mem.kv, cfg.kv, data=data), rec.clear(mem.recurrent, cfg.recurrent, data=data)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +333,7 @@ def init_batch(
     """Splits a validated batch and dry-runs its placement in both parts (§7.3).
 
     ``embd_all`` -> seq split; otherwise the equal split, non-sequential when the KV cache is
-    unified (DESIGN.md difference 5). Placement is tried in the recurrent part first, then the
+    unified (difference 5). Placement is tried in the recurrent part first, then the
     attention part; the memory is never modified.
 
     Returns:
@@ -389,8 +392,7 @@ def init_full(mem: HybridMemory, cfg: HybridConfig) -> Scalar:
 def init_update(mem: HybridMemory, cfg: HybridConfig) -> Scalar:
     """SUCCESS when the attention part has pending shifts to apply, else NO_UPDATE (§7.4); the
     recurrent part never needs an update (§5.8)."""
-    del cfg
-    attn = jnp.where(kvc.has_shift(mem.kv), MemoryStatus.SUCCESS, MemoryStatus.NO_UPDATE)
+    attn = jnp.where(kvc.has_shift(mem.kv, cfg.kv), MemoryStatus.SUCCESS, MemoryStatus.NO_UPDATE)
     return combine_status(attn, MemoryStatus.NO_UPDATE)
 
 
@@ -399,14 +401,8 @@ def update(
 ) -> tuple[HybridMemory, Scalar]:
     """Applies pending K-shifts (attention only, §2.12) and returns ``(memory, status)`` where
     status is that of :func:`init_update`."""
-    status = init_update(mem, cfg)
-    kv = jax.lax.cond(
-        status == MemoryStatus.SUCCESS,
-        lambda c: kvc.update(c, cfg.kv, rope_fn),
-        lambda c: c,
-        mem.kv,
-    )
-    return mem._replace(kv=kv), status
+    kv, attn = kvc.update(mem.kv, cfg.kv, rope_fn)
+    return mem._replace(kv=kv), combine_status(attn, MemoryStatus.NO_UPDATE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +432,7 @@ class Placement(NamedTuple):
     n_kv: Scalar | None = None
 
 
-def apply_ubatch(
+def apply(
     mem: HybridMemory,
     batch: Batch,
     plan: UBatchPlan,
@@ -445,11 +441,15 @@ def apply_ubatch(
     *,
     n_ubatch: int,
 ) -> tuple[HybridMemory, UBatch, Placement]:
-    """Places ubatch ``u`` of a successful plan in both parts (§7.5 ``apply``).
+    """Places ubatch ``u`` of a successful plan in both parts (§7.5; llama.cpp's memory
+    context ``apply()``).
 
     ``u`` may be traced, so a model can run the ubatches in ``lax.fori_loop`` / ``while_loop``
     with the memory as carry. Placement repeats the dry run of :func:`init_batch`, so it succeeds
     for every ubatch of a SUCCESS plan applied in order to the memory that was planned against.
+    Each part places the ubatch with its own ``find_slot`` + ``apply_ubatch``
+    (:func:`jaxhybrid.kv.apply_ubatch`, :func:`jaxhybrid.recurrent.apply_ubatch`); this function
+    works on a plan, not on one part's slot, hence its own name.
     """
     ub = get_ubatch(batch, plan, u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
     return _apply_ubatch(mem, ub, kvc.find_slot(mem.kv, ub, cfg.kv), cfg)
@@ -458,9 +458,10 @@ def apply_ubatch(
 def _apply_ubatch(
     mem: HybridMemory, ub: UBatch, slot: kvc.KVSlot, cfg: HybridConfig
 ) -> tuple[HybridMemory, UBatch, Placement]:
-    """:func:`apply_ubatch` with the ubatch's KV slot already found."""
+    """:func:`apply` with the ubatch already taken from the plan and its KV slot found."""
     kv = kvc.apply_ubatch(mem.kv, ub, slot, cfg.kv)
-    recr, rslot = rec.find_slot(mem.recurrent, ub, cfg.recurrent)
+    rslot = rec.find_slot(mem.recurrent, ub, cfg.recurrent)
+    recr = rec.apply_ubatch(mem.recurrent, ub, rslot, cfg.recurrent)
     mask = kvc.kq_mask(kv, ub, slot, cfg.kv)
     place = Placement(
         kv=slot,
@@ -468,7 +469,7 @@ def _apply_ubatch(
         recurrent=rslot,
         seq_set=ub.seq_set,
         valid=ub.valid,
-        n_kv=kvc.used_span(kv),
+        n_kv=kvc.used_span(kv, cfg.kv),
     )
     return HybridMemory(kv, recr), ub, place
 
@@ -482,31 +483,31 @@ def _sub(cfg: HybridConfig, layer: int, kind: LayerKind) -> int:
 
 def write_kv(
     mem: HybridMemory,
-    cfg: HybridConfig,
     layer: int,
     k: Float[Array, "ubatch heads head_dim_k"],
     v: Float[Array, "ubatch heads head_dim_v"],
     place: Placement,
+    cfg: HybridConfig,
 ) -> HybridMemory:
     """Stores the ubatch's K/V rows of attention model layer ``layer`` in its placed cells."""
     il = _sub(cfg, layer, LayerKind.ATTENTION)
-    return mem._replace(kv=kvc.write_kv(mem.kv, il, k, v, place.kv, place.valid))
+    return mem._replace(kv=kvc.write_kv(mem.kv, il, k, v, place.kv, cfg.kv))
 
 
 def read_kv(
-    mem: HybridMemory, cfg: HybridConfig, layer: int, n_kv: int | None = None
+    mem: HybridMemory, layer: int, cfg: HybridConfig, n_kv: int | None = None
 ) -> tuple[Array, Array]:
     """K and V of attention model layer ``layer`` on a flat cell axis: every cell (pair with
     ``Placement.mask``), or the leading static ``n_kv`` cells of each stream (pair with
     :func:`kq_mask` of the same ``n_kv``; §2.7)."""
-    return kvc.read_kv(mem.kv, _sub(cfg, layer, LayerKind.ATTENTION), n_kv)
+    return kvc.read_kv(mem.kv, _sub(cfg, layer, LayerKind.ATTENTION), cfg.kv, n_kv)
 
 
 def kq_mask(
     mem: HybridMemory,
-    cfg: HybridConfig,
-    ub: UBatch,
+    ubatch: UBatch,
     place: Placement,
+    cfg: HybridConfig,
     n_kv: int | None = None,
     *,
     own_stream: bool = False,
@@ -514,24 +515,25 @@ def kq_mask(
     """The visibility mask of a placed ubatch over the leading static ``n_kv`` cells of each
     stream (§3.3; None = every cell, which is ``place.mask``); with ``own_stream``, over those of
     each token's own stream only (see :func:`jaxhybrid.kv.kq_mask`)."""
-    return kvc.kq_mask(mem.kv, ub, place.kv, cfg.kv, n_kv, own_stream=own_stream)
+    return kvc.kq_mask(mem.kv, ubatch, place.kv, cfg.kv, n_kv, own_stream=own_stream)
 
 
 def read_states(
-    mem: HybridMemory, cfg: HybridConfig, layer: int, place: Placement
+    mem: HybridMemory, layer: int, place: Placement, cfg: HybridConfig
 ) -> tuple[Array, Array]:
     """Initial ``(r, s)`` state of every seq set for recurrent model layer ``layer``."""
-    return rec.read_states(mem.recurrent, _sub(cfg, layer, LayerKind.RECURRENT), place.recurrent)
+    il = _sub(cfg, layer, LayerKind.RECURRENT)
+    return rec.read_states(mem.recurrent, il, place.recurrent, cfg.recurrent)
 
 
 def write_states(
     mem: HybridMemory,
-    cfg: HybridConfig,
     layer: int,
     place: Placement,
     r: Array,
     s: Array,
     n_seqs,
+    cfg: HybridConfig,
     *,
     r_tok: Array | None = None,
     s_tok: Array | None = None,
@@ -541,7 +543,7 @@ def write_states(
     they are taken from (see :func:`jaxhybrid.recurrent.write_states`)."""
     il = _sub(cfg, layer, LayerKind.RECURRENT)
     recr = rec.write_states(
-        mem.recurrent, il, place.recurrent, r, s, n_seqs, r_tok=r_tok, s_tok=s_tok
+        mem.recurrent, il, place.recurrent, r, s, n_seqs, cfg.recurrent, r_tok=r_tok, s_tok=s_tok
     )
     return mem._replace(recurrent=recr)
 
@@ -552,12 +554,29 @@ def write_states(
 StepFn = Callable[[Any, UBatch, HybridMemory, Placement], tuple[Any, HybridMemory]]
 
 
+class DecodeCode(enum.IntEnum):
+    """Result codes of decoding, as llama.cpp's ``llama_decode`` returns them (§10.3).
+
+    ``DecodeResult.code`` and the serving layer's ``code`` fields hold one of these (as an int32
+    scalar on device); compare with the members, e.g. ``int(code) == DecodeCode.NO_SLOT``.
+    """
+
+    OK = 0
+    """The batch was decoded."""
+    NO_SLOT = 1
+    """No memory slot: not enough free KV cells or recurrent cells (memory unchanged)."""
+    INVALID_BATCH = -1
+    """The batch broke a validation rule (``DecodeResult.check`` says which; memory unchanged)."""
+    ROLLBACK_REFUSED = -3
+    """Speculative decoding could not remove rejected draft tokens (a rollback beyond the
+    memory's ``n_snapshots`` horizon)."""
+
+
 class DecodeResult(NamedTuple):
     """Outcome of :func:`decode`.
 
     Attributes:
-        code: llama.cpp's ``llama_decode`` return value (§10.3): 0 ok, 1 no memory slot,
-            -1 invalid batch.
+        code: a :class:`DecodeCode` (§10.3): ``OK``, ``NO_SLOT`` or ``INVALID_BATCH``.
         status: the memory status of planning (SUCCESS or FAILED_PREPARE; SUCCESS when the batch
             was invalid and never planned).
         check: the batch validation result (details of an invalid batch).
@@ -585,7 +604,7 @@ def decode(
     rope_fn: Callable | None = None,
     max_ubatches: int | None = None,
 ) -> tuple[Any, HybridMemory, DecodeResult]:
-    """Validates, plans and runs a whole batch; transactional (DESIGN.md difference 1).
+    """Validates, plans and runs a whole batch; transactional (docs/semantics.md difference 1).
 
     ``step_fn(params, ubatch, memory, placement) -> (outputs, memory)`` is the model's pure
     per-ubatch step; its outputs are per token slot (leading axis ``n_ubatch``, any pytree).
@@ -626,9 +645,7 @@ def decode(
     ok = valid_batch & (status == MemoryStatus.SUCCESS)
 
     ub0 = get_ubatch(batch, plan, 0, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
-    place0 = jax.eval_shape(
-        lambda m: apply_ubatch(m, batch, plan, 0, cfg, n_ubatch=n_ubatch)[2], mem
-    )
+    place0 = jax.eval_shape(lambda m: apply(m, batch, plan, 0, cfg, n_ubatch=n_ubatch)[2], mem)
     out_shape = jax.eval_shape(lambda p, m, pl: step_fn(p, ub0, m, pl)[0], params, mem, place0)
     zeros = jax.tree.map(lambda s: jnp.zeros((n_batch, *s.shape[1:]), s.dtype), out_shape)
 
@@ -654,7 +671,11 @@ def decode(
         return m, outs
 
     new_mem, outputs = jax.lax.cond(ok, run, lambda m: (m, zeros), mem)
-    code = jnp.where(valid_batch, jnp.where(ok, 0, 1), -1).astype(_I32)
+    code = jnp.where(
+        valid_batch,
+        jnp.where(ok, DecodeCode.OK, DecodeCode.NO_SLOT),
+        DecodeCode.INVALID_BATCH,
+    ).astype(_I32)
     result = DecodeResult(
         code=code,
         status=jnp.where(valid_batch, status, MemoryStatus.SUCCESS).astype(_I32),
@@ -669,18 +690,18 @@ class DecodeError(JaxHybridError):
     """Raised by :func:`raise_for_result` when a decode failed."""
 
     def __init__(self, result: DecodeResult):
-        self.code = int(result.code)
-        if self.code == -1:
+        self.code = DecodeCode(int(result.code))
+        if self.code == DecodeCode.INVALID_BATCH:
             msg = str(BatchError(result.check))
         else:
             msg = (
                 "failed to find a memory slot for the batch (no free KV cells or recurrent "
                 "cells; memory unchanged)"
             )
-        super().__init__(f"decode failed with code {self.code}: {msg}")
+        super().__init__(f"decode failed with code {int(self.code)} ({self.code.name}): {msg}")
 
 
 def raise_for_result(result: DecodeResult) -> None:
     """Raises :class:`DecodeError` if ``result`` reports a failure (host side)."""
-    if int(result.code) != 0:
+    if int(result.code) != DecodeCode.OK:
         raise DecodeError(result)

@@ -7,7 +7,7 @@ shift. K/V buffers hold one row per cell for every attention layer served.
 Every function returns a cache of the same structure, shapes and dtypes as its input. Sequence
 operations return ``(cache, ok)``; when ``ok`` is False the input cache is returned unchanged
 (out-of-range arguments, a partial-range copy across streams, no free cell to split a shared cell
-off, DESIGN differences 6-13).
+off, docs/semantics.md differences 6-13).
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxhybrid._batch import Batch, UBatch, UBatchPlan, get_ubatch
+from jaxhybrid._cells import drop_empty, i32_scalar, lower_head, norm_range, seq_ok
 from jaxhybrid._config import KVConfig, SWAType
+from jaxhybrid._status import MemoryStatus
 from jaxhybrid._status import select_tree as _select
-from jaxhybrid._typing import Array, Bool, Float, Int, Scalar, ScalarBool
+from jaxhybrid.array_typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
 __all__ = [
     "KVCache",
@@ -56,7 +58,7 @@ __all__ = [
 ]
 
 _I32 = jnp.int32
-_POS_INF = jnp.iinfo(jnp.int32).max
+_POS_INF = jnp.iinfo(jnp.int32).max  # a masked-out minimum
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,11 +116,14 @@ class KVSlot(NamedTuple):
         stream: stream of each token (0 for padding).
         cell: cell index inside that stream (0 for padding; padding is never written).
         ok: a cell was found for every token.
+        valid: the token slots holding real tokens (the ubatch's ``valid``): only these are
+            placed and written.
     """
 
     stream: Int[Array, " ubatch"]
     cell: Int[Array, " ubatch"]
     ok: ScalarBool
+    valid: Bool[Array, " ubatch"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,40 +144,6 @@ def _stream_of_seq(cfg: KVConfig) -> Int[Array, " seqs"]:
     if cfg.unified:
         return jnp.zeros((cfg.n_seq_max,), _I32)
     return jnp.arange(cfg.n_seq_max, dtype=_I32)
-
-
-def _i32(x) -> Scalar:
-    return jnp.asarray(x, _I32)
-
-
-def _norm_range(p0, p1) -> tuple[Scalar, Scalar]:
-    """§4: ``p0 < 0 -> 0``, ``p1 < 0 -> +inf``; ranges are half-open."""
-    p0, p1 = _i32(p0), _i32(p1)
-    return jnp.maximum(p0, 0), jnp.where(p1 < 0, _POS_INF, p1)
-
-
-def _drop_empty(cells: KVCells, seq: Bool[Array, "streams cells seqs"]) -> tuple[KVCells, Array]:
-    """Frees cells left without sequences (§1.4.4); returns the cells and the freed mask."""
-    now_empty = ~jnp.any(seq, axis=-1)
-    freed = now_empty & (cells.pos >= 0)
-    return (
-        cells._replace(
-            pos=jnp.where(now_empty, -1, cells.pos),
-            seq=seq,
-            shift=jnp.where(now_empty, 0, cells.shift),
-        ),
-        freed,
-    )
-
-
-def _lower_head(head: Int[Array, " streams"], freed: Bool[Array, "streams cells"]):
-    """Head hint lowered to the first freed cell when that is below it (§4.1)."""
-    first = jnp.argmax(freed, axis=1).astype(_I32)
-    return jnp.where(jnp.any(freed, axis=1) & (first < head), first, head)
-
-
-def _seq_ok(seq, cfg: KVConfig) -> ScalarBool:
-    return (seq >= 0) & (seq < cfg.n_seq_max)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,20 +198,21 @@ def seq_pos_range(cache: KVCache, cfg: KVConfig) -> tuple[Int[Array, " seqs"], I
 
 def seq_pos_min(cache: KVCache, seq, cfg: KVConfig) -> Scalar:
     """Smallest position held by ``seq`` (§4.6), -1 if absent or ``seq`` is out of range."""
-    seq = _i32(seq)
+    seq = i32_scalar(seq)
     pmin, _ = seq_pos_range(cache, cfg)
-    return jnp.where(_seq_ok(seq, cfg), pmin[jnp.clip(seq, 0, cfg.n_seq_max - 1)], -1)
+    return jnp.where(seq_ok(seq, cfg.n_seq_max), pmin[jnp.clip(seq, 0, cfg.n_seq_max - 1)], -1)
 
 
 def seq_pos_max(cache: KVCache, seq, cfg: KVConfig) -> Scalar:
     """Largest position held by ``seq`` (§4.6), -1 if absent or ``seq`` is out of range."""
-    seq = _i32(seq)
+    seq = i32_scalar(seq)
     _, pmax = seq_pos_range(cache, cfg)
-    return jnp.where(_seq_ok(seq, cfg), pmax[jnp.clip(seq, 0, cfg.n_seq_max - 1)], -1)
+    return jnp.where(seq_ok(seq, cfg.n_seq_max), pmax[jnp.clip(seq, 0, cfg.n_seq_max - 1)], -1)
 
 
-def has_shift(cache: KVCache) -> ScalarBool:
+def has_shift(cache: KVCache, cfg: KVConfig) -> ScalarBool:
     """Whether any cell has a pending K shift (§2.11)."""
+    _check_cache(cache, cfg)
     return jnp.any(cache.cells.shift != 0)
 
 
@@ -311,7 +283,7 @@ def _find_slot(cells: KVCells, ubatch: UBatch, cfg: KVConfig) -> KVSlot:
     cell = _nth_usable(counts, head, tok_stream, idx)
     cell = jnp.where(valid, cell, 0)
     fits = jnp.all(~valid | (tok_idx < counts.total[tok_stream]))
-    return KVSlot(stream=tok_stream, cell=cell, ok=groups_ok & fits)
+    return KVSlot(stream=tok_stream, cell=cell, ok=groups_ok & fits, valid=valid)
 
 
 _BLOCK = 128
@@ -407,7 +379,7 @@ def _apply_ubatch(cells: KVCells, ubatch: UBatch, slot: KVSlot, cfg: KVConfig) -
         lim = jnp.where((max_rm >= 0) & (pmin <= max_rm), max_rm, -1)
         in_stream = _stream_of_seq(cfg)[None, :] == jnp.arange(st_n)[:, None]  # [streams, seqs]
         drop = cells.seq & in_stream[:, None, :] & (cells.pos[:, :, None] <= lim[None, None, :])
-        cells, _ = _drop_empty(cells, cells.seq & ~drop)
+        cells, _ = drop_empty(cells._replace(seq=cells.seq & ~drop))
     # §2.6.3: head = cell of each group's last token + 1 (one group per stream).
     t = jnp.arange(ubatch.valid.shape[0], dtype=_I32)
     mine = v[None, :] & (s_t[None, :] == jnp.arange(st_n)[:, None])  # [streams, ubatch]
@@ -439,6 +411,16 @@ def prepare(
     return ok, failed
 
 
+class _DryRun(NamedTuple):
+    """Carry of the dry run: the next ubatch, the cells so far and the slots found."""
+
+    u: Scalar
+    cells: KVCells
+    ok: ScalarBool
+    failed: Scalar  # first ubatch without a slot, -1 while none
+    slots: KVSlot  # stacked over ubatches (a zero-length axis unless recorded)
+
+
 def prepare_slots(
     cache: KVCache,
     batch: Batch,
@@ -461,24 +443,29 @@ def prepare_slots(
         stream=jnp.zeros((n_rec, n_ubatch), _I32),
         cell=jnp.zeros((n_rec, n_ubatch), _I32),
         ok=jnp.zeros((n_rec,), jnp.bool_),
+        valid=jnp.zeros((n_rec, n_ubatch), jnp.bool_),
     )
 
-    def cond(carry):
-        u, _, ok, _, _ = carry
-        return ok & (u < plan.n_ubatches)
+    def cond(c: _DryRun):
+        return c.ok & (c.u < plan.n_ubatches)
 
-    def body(carry):
-        u, cells, _, _, slots = carry
-        ub = get_ubatch(batch, plan, u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
-        slot = _find_slot(cells, ub, cfg)
-        cells = _apply_ubatch(cells, ub, slot, cfg)
+    def body(c: _DryRun) -> _DryRun:
+        ub = get_ubatch(batch, plan, c.u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
+        slot = _find_slot(c.cells, ub, cfg)
+        slots = c.slots
         if record:
-            slots = jax.tree.map(lambda all_, one: all_.at[u].set(one), slots, slot)
-        return u + 1, cells, slot.ok, jnp.where(slot.ok, -1, u).astype(_I32), slots
+            slots = jax.tree.map(lambda all_, one: all_.at[c.u].set(one), slots, slot)
+        return _DryRun(
+            u=c.u + 1,
+            cells=_apply_ubatch(c.cells, ub, slot, cfg),
+            ok=slot.ok,
+            failed=jnp.where(slot.ok, -1, c.u).astype(_I32),
+            slots=slots,
+        )
 
-    init = (_i32(0), cache.cells, jnp.bool_(True), _i32(-1), slots)
-    _, _, ok, failed, slots = jax.lax.while_loop(cond, body, init)
-    return ok, failed, slots if record else None
+    init = _DryRun(i32_scalar(0), cache.cells, jnp.bool_(True), i32_scalar(-1), slots)
+    out = jax.lax.while_loop(cond, body, init)
+    return out.ok, out.failed, out.slots if record else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,9 +478,13 @@ def write_kv(
     k: Float[Array, "ubatch heads head_dim_k"],
     v: Float[Array, "ubatch heads head_dim_v"],
     slot: KVSlot,
-    valid: Bool[Array, " ubatch"],
+    cfg: KVConfig,
 ) -> KVCache:
-    """Scatters a ubatch's K/V rows of one layer (static or traced index) into its cells."""
+    """Scatters a ubatch's K/V rows of one layer (static or traced index) into its cells.
+
+    Only the real tokens of a slot that is ``ok`` are written (``slot.valid & slot.ok``).
+    """
+    _check_cache(cache, cfg)
     n_layers, st_n, _, heads, dk = cache.k.shape
     dv = cache.v.shape[-1]
     n_ub = slot.cell.shape[0]
@@ -502,15 +493,15 @@ def write_kv(
             f"k/v must be {(n_ub, heads, dk)} / {(n_ub, heads, dv)}, got {k.shape} / {v.shape}"
         )
     del n_layers
-    si = jnp.where(valid & slot.ok, slot.stream, st_n)
-    layer = _i32(layer)
+    si = jnp.where(slot.valid & slot.ok, slot.stream, st_n)
+    layer = i32_scalar(layer)
     return cache._replace(
         k=cache.k.at[layer, si, slot.cell].set(k.astype(cache.k.dtype), mode="drop"),
         v=cache.v.at[layer, si, slot.cell].set(v.astype(cache.v.dtype), mode="drop"),
     )
 
 
-def used_span(cache: KVCache) -> Scalar:
+def used_span(cache: KVCache, cfg: KVConfig) -> Scalar:
     """``n_kv`` before padding (§2.7): one past the highest non-empty cell over every stream.
 
     Cells at index ``>= used_span`` are empty in every stream, so attention over the leading
@@ -518,6 +509,7 @@ def used_span(cache: KVCache) -> Scalar:
     Placement fills cells from the head (§2.4.6) and the head is lowered to freed cells (§4.1)
     or restarted at 0 (§2.4.3), so used cells stay near the front of the cache.
     """
+    _check_cache(cache, cfg)
     return _used_span(cache.cells.pos)
 
 
@@ -578,11 +570,12 @@ def _span(cfg_size: int, n_kv: int | None) -> int:
     return n_kv
 
 
-def read_kv(cache: KVCache, layer, n_kv: int | None = None) -> tuple[Array, Array]:
+def read_kv(cache: KVCache, layer, cfg: KVConfig, n_kv: int | None = None) -> tuple[Array, Array]:
     """K and V of one layer, the leading ``n_kv`` cells of every stream on one axis:
     ``[streams * n_kv, heads, d]`` (``n_kv`` static; None = every cell, §2.8)."""
-    _, st_n, size, heads, _ = cache.k.shape
-    span = _span(size, n_kv)
+    _check_cache(cache, cfg)
+    _, st_n, _, heads, _ = cache.k.shape
+    span = _span(cfg.kv_size, n_kv)
     k = cache.k[layer, :, :span]
     v = cache.v[layer, :, :span]
     return k.reshape(st_n * span, heads, -1), v.reshape(st_n * span, heads, -1)
@@ -649,9 +642,9 @@ def additive_mask(mask: Bool[Array, "..."], dtype=jnp.float32) -> Float[Array, "
 def seq_rm(cache: KVCache, seq, p0, p1, cfg: KVConfig) -> tuple[KVCache, ScalarBool]:
     """Removes positions ``[p0, p1)`` of ``seq`` (-1 = every sequence, every stream) (§4.1)."""
     _check_cache(cache, cfg)
-    seq = _i32(seq)
-    ok = (seq == -1) | _seq_ok(seq, cfg)
-    lo, hi = _norm_range(p0, p1)
+    seq = i32_scalar(seq)
+    ok = (seq == -1) | seq_ok(seq, cfg.n_seq_max)
+    lo, hi = norm_range(p0, p1)
     cells = cache.cells
     in_range = (cells.pos >= lo) & (cells.pos < hi) & (cells.pos >= 0)
     sc = jnp.clip(seq, 0, cfg.n_seq_max - 1)
@@ -659,20 +652,20 @@ def seq_rm(cache: KVCache, seq, p0, p1, cfg: KVConfig) -> tuple[KVCache, ScalarB
     in_st = jnp.arange(cfg.n_stream) == _stream_of_seq(cfg)[sc]
     rm_one = (in_range & in_st[:, None])[:, :, None] & one[None, None, :]
     rm = jnp.where(seq == -1, in_range[:, :, None], rm_one)
-    new, freed = _drop_empty(cells, cells.seq & ~rm)
-    new = new._replace(head=_lower_head(cells.head, freed))
+    new, freed = drop_empty(cells._replace(seq=cells.seq & ~rm))
+    new = new._replace(head=lower_head(cells.head, freed))
     return cache._replace(cells=_select(ok, new, cells)), ok
 
 
 def seq_keep(cache: KVCache, seq, cfg: KVConfig) -> tuple[KVCache, ScalarBool]:
-    """Keeps only ``seq``, in every stream (§4.3 with DESIGN difference 7)."""
+    """Keeps only ``seq``, in every stream (§4.3 with difference 7)."""
     _check_cache(cache, cfg)
-    seq = _i32(seq)
-    ok = _seq_ok(seq, cfg)
+    seq = i32_scalar(seq)
+    ok = seq_ok(seq, cfg.n_seq_max)
     cells = cache.cells
     one = jnp.arange(cfg.n_seq_max) == jnp.clip(seq, 0, cfg.n_seq_max - 1)
-    new, freed = _drop_empty(cells, cells.seq & one[None, None, :])
-    new = new._replace(head=_lower_head(cells.head, freed))
+    new, freed = drop_empty(cells._replace(seq=cells.seq & one[None, None, :]))
+    new = new._replace(head=lower_head(cells.head, freed))
     return cache._replace(cells=_select(ok, new, cells)), ok
 
 
@@ -681,13 +674,13 @@ def seq_cp(cache: KVCache, src, dst, p0, p1, cfg: KVConfig) -> tuple[KVCache, Sc
 
     In one stream only metadata changes (the cells become shared). Across streams only a range
     covering every position of ``src`` is accepted (else ``ok`` is False); the destination stream
-    is then rebuilt from the source stream, K/V rows included, at once (DESIGN 8, 12).
+    is then rebuilt from the source stream, K/V rows included, at once (differences 8, 12).
     """
     _check_cache(cache, cfg)
-    src, dst = _i32(src), _i32(dst)
+    src, dst = i32_scalar(src), i32_scalar(dst)
     n_seq = cfg.n_seq_max
-    ok = _seq_ok(src, cfg) & _seq_ok(dst, cfg)
-    lo, hi = _norm_range(p0, p1)
+    ok = seq_ok(src, cfg.n_seq_max) & seq_ok(dst, cfg.n_seq_max)
+    lo, hi = norm_range(p0, p1)
     sc, dc = jnp.clip(src, 0, n_seq - 1), jnp.clip(dst, 0, n_seq - 1)
     st_of = _stream_of_seq(cfg)
     ss, ds = st_of[sc], st_of[dc]
@@ -696,9 +689,9 @@ def seq_cp(cache: KVCache, src, dst, p0, p1, cfg: KVConfig) -> tuple[KVCache, Sc
     streams = jnp.arange(cfg.n_stream)
     noop = src == dst
 
-    # Same stream: replace dst (DESIGN 6), then share src's cells in range with dst.
+    # Same stream: replace dst (difference 6), then share src's cells in range with dst.
     seq1 = cells.seq & ~((streams == ds)[:, None, None] & one_d[None, None, :])
-    same, freed = _drop_empty(cells, seq1)
+    same, freed = drop_empty(cells._replace(seq=seq1))
     share = (
         seq1[:, :, sc]
         & (streams == ss)[:, None]
@@ -708,7 +701,7 @@ def seq_cp(cache: KVCache, src, dst, p0, p1, cfg: KVConfig) -> tuple[KVCache, Sc
     )
     same = same._replace(
         seq=same.seq | (share[:, :, None] & one_d[None, None, :]),
-        head=_lower_head(cells.head, freed),
+        head=lower_head(cells.head, freed),
     )
     new = same
     k, v = cache.k, cache.v
@@ -741,7 +734,7 @@ class _Moved(NamedTuple):
 def _move(cache: KVCache, seq, lo, hi, new_pos_fn, cfg: KVConfig, *, fail) -> _Moved:
     """Moves the cells of ``seq`` with ``pos in [lo, hi)`` to ``new_pos_fn(pos)`` (§4.4, §4.5).
 
-    Only ``seq`` moves (DESIGN 10): a cell shared with other sequences keeps them and ``seq`` is
+    Only ``seq`` moves (difference 10): a cell shared with other sequences keeps them and ``seq`` is
     split off into the lowest free cell of its stream, K/V rows of every layer copied. Cells whose
     new position is negative lose ``seq`` (and are freed when it was their only one).
     """
@@ -786,13 +779,13 @@ def seq_add(cache: KVCache, seq, p0, p1, delta, cfg: KVConfig) -> tuple[KVCache,
     """Adds ``delta`` to positions ``[p0, p1)`` of ``seq`` and records the pending K shift (§4.4).
 
     Cells moved below 0 lose ``seq``; the head becomes the first freed cell, else 0. Cells shared
-    with other sequences are split off first (DESIGN 10); without a free cell for that ``ok`` is
+    with other sequences are split off first (difference 10); without a free cell for that ``ok`` is
     False and nothing changes.
     """
     _check_cache(cache, cfg)
-    seq, delta = _i32(seq), _i32(delta)
-    lo, hi = _norm_range(p0, p1)
-    bad = ~_seq_ok(seq, cfg)
+    seq, delta = i32_scalar(seq), i32_scalar(delta)
+    lo, hi = norm_range(p0, p1)
+    bad = ~seq_ok(seq, cfg.n_seq_max)
     noop = (delta == 0) | (lo == hi)
     res = _move(cache, seq, lo, hi, lambda p: p + delta, cfg, fail=bad | noop)
     st = _stream_of_seq(cfg)[jnp.clip(seq, 0, cfg.n_seq_max - 1)]
@@ -809,16 +802,18 @@ def seq_div(cache: KVCache, seq, p0, p1, d, cfg: KVConfig) -> tuple[KVCache, Sca
     :func:`seq_add`. ``d < 1`` or an out-of-range ``seq`` gives ``ok == False``.
     """
     _check_cache(cache, cfg)
-    seq, d = _i32(seq), _i32(d)
-    lo, hi = _norm_range(p0, p1)
-    bad = ~_seq_ok(seq, cfg) | (d < 1)
+    seq, d = i32_scalar(seq), i32_scalar(d)
+    lo, hi = norm_range(p0, p1)
+    bad = ~seq_ok(seq, cfg.n_seq_max) | (d < 1)
     noop = (d == 1) | (lo == hi)
     res = _move(cache, seq, lo, hi, lambda p: p // jnp.maximum(d, 1), cfg, fail=bad | noop)
     return res.cache, ~bad & (res.ok | noop)
 
 
-def clear(cache: KVCache, data: bool = True) -> KVCache:
-    """Empties every stream (§4.7); with ``data`` (static) also zeroes the K/V buffers."""
+def clear(cache: KVCache, cfg: KVConfig, *, data: bool | ScalarBool = True) -> KVCache:
+    """Empties every stream (§4.7); with ``data`` also zeroes the K/V buffers (a static bool, or
+    a traced one at the cost of a pass over the buffers)."""
+    _check_cache(cache, cfg)
     cells = cache.cells
     cells = KVCells(
         pos=jnp.full_like(cells.pos, -1),
@@ -826,9 +821,14 @@ def clear(cache: KVCache, data: bool = True) -> KVCache:
         shift=jnp.zeros_like(cells.shift),
         head=jnp.zeros_like(cells.head),
     )
-    if data:
-        return KVCache(cells, jnp.zeros_like(cache.k), jnp.zeros_like(cache.v))
-    return cache._replace(cells=cells)
+    if isinstance(data, bool):  # static: fresh zeros, no pass over the old buffers
+        if data:
+            return KVCache(cells, jnp.zeros_like(cache.k), jnp.zeros_like(cache.v))
+        return cache._replace(cells=cells)
+    data = jnp.asarray(data, jnp.bool_)
+    k = jnp.where(data, jnp.zeros((), cache.k.dtype), cache.k)
+    v = jnp.where(data, jnp.zeros((), cache.v.dtype), cache.v)
+    return KVCache(cells, k, v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -838,8 +838,8 @@ def clear(cache: KVCache, data: bool = True) -> KVCache:
 def update(
     cache: KVCache,
     cfg: KVConfig,
-    rope_fn: Callable[[Array, Array], Array] | None,
-) -> KVCache:
+    rope_fn: Callable[[Array, Array], Array] | None = None,
+) -> tuple[KVCache, Scalar]:
     """Applies pending shifts: re-rotates stored K of every layer, then resets shifts (§2.12).
 
     Args:
@@ -848,8 +848,17 @@ def update(
         rope_fn: ``rope_fn(k[..., heads, head_dim], delta_pos[...]) -> k`` rotating K rows by a
             position delta (see :func:`jaxhybrid._rope.rope_shift_fn`), or None for a model
             without RoPE (shifts are just cleared). V is never touched.
+
+    Returns:
+        ``(cache, status)``: SUCCESS when shifts were pending and have been applied, else
+        NO_UPDATE and the cache unchanged (§2.11; the work is skipped then).
     """
-    _check_cache(cache, cfg)
+    pending = has_shift(cache, cfg)
+    status = jnp.where(pending, MemoryStatus.SUCCESS, MemoryStatus.NO_UPDATE).astype(_I32)
+    return jax.lax.cond(pending, lambda c: _update(c, cfg, rope_fn), lambda c: c, cache), status
+
+
+def _update(cache: KVCache, cfg: KVConfig, rope_fn) -> KVCache:
     cells = cache.cells
     k = cache.k
     if rope_fn is not None and cfg.n_layers > 0:

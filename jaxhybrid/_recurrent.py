@@ -5,16 +5,18 @@ A recurrent layer keeps no history, only the state after the last absorbed token
 ``s`` SSM state per layer), the last position absorbed into it and the set of sequences sharing it
 (after ``seq_cp``). ``tail[s]`` is the cell holding sequence ``s`` (-1: no state).
 
-Placement (:func:`find_slot`) only changes metadata and returns a :class:`RecurrentSlot`: for each
-seq set of the ubatch the cell to read its initial state from (``src``, -1 = zero state) and the
-cell its final state goes to (``dst``). Layers move data only through :func:`read_states` and
-:func:`write_states`, so copy-on-write needs no eager copy (``src`` = the shared cell, ``dst`` =
-a fresh one), and llama.cpp's contiguous packing (§5.4.6) is not needed: cell indices differ from
-llama.cpp's, everything observable (positions, sharing, return values, failures) is the same.
+Placement is the same two steps as in the KV cache: :func:`find_slot` returns a
+:class:`RecurrentSlot` without changing anything: for each seq set of the ubatch the cell to read
+its initial state from (``src``, -1 = zero state) and the cell its final state goes to (``dst``);
+:func:`apply_ubatch` then records it in the metadata. Layers move data only through
+:func:`read_states` and :func:`write_states`, so copy-on-write needs no eager copy (``src`` = the
+shared cell, ``dst`` = a fresh one), and llama.cpp's contiguous packing (§5.4.6) is not needed:
+cell indices differ from llama.cpp's, everything observable (positions, sharing, return values,
+failures) is the same.
 
 Every operation is pure and jittable, takes traced int32 scalars for ids and positions, and returns
 a memory of identical structure, shapes and dtypes. An operation that fails returns ``ok=False``
-and its input unchanged, bit for bit (DESIGN differences 1 and 13).
+and its input unchanged, bit for bit (docs/semantics.md, differences 1 and 13).
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxhybrid._batch import Batch, UBatch, UBatchPlan, get_ubatch
+from jaxhybrid._cells import POS_INF, drop_empty, i32_scalar, lower_head, norm_range, seq_ok
 from jaxhybrid._config import RecurrentConfig
 from jaxhybrid._status import select_tree as _select
-from jaxhybrid._typing import Array, Bool, Int, Scalar, ScalarBool, Shaped
+from jaxhybrid.array_typing import Array, Bool, Int, Scalar, ScalarBool, Shaped
 
 __all__ = [
     "RecurrentCells",
     "RecurrentMemory",
     "RecurrentSlot",
+    "apply_ubatch",
+    "can_shift",
     "clear",
     "find_slot",
     "init_recurrent",
@@ -53,7 +58,6 @@ __all__ = [
 ]
 
 _I32 = jnp.int32
-_POS_INF = np.iinfo(np.int32).max  # an open range end (p1 < 0) normalises to this (§4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,28 +205,6 @@ def _check_memory(mem: RecurrentMemory, cfg: RecurrentConfig) -> None:
             )
 
 
-def _scalar(x) -> Scalar:
-    x = jnp.asarray(x)
-    if x.shape != ():
-        raise ValueError(f"expected a scalar, got shape {x.shape}")
-    return x.astype(_I32)
-
-
-def _seq_ok(seq: Scalar, cfg: RecurrentConfig) -> ScalarBool:
-    return (seq >= 0) & (seq < cfg.n_seq_max)
-
-
-def _normalise_range(p0: Scalar, p1: Scalar) -> tuple[Scalar, Scalar]:
-    """``p0 < 0 -> 0``, ``p1 < 0 -> +inf`` (§4)."""
-    return jnp.where(p0 < 0, 0, p0), jnp.where(p1 < 0, _POS_INF, p1)
-
-
-def _lower_head(head: Scalar, freed: Bool[Array, " rs"]) -> Scalar:
-    """Lowers ``head`` to the first freed cell if that is below it (§5.7.1)."""
-    first = jnp.argmax(freed).astype(_I32)
-    return jnp.where(jnp.any(freed) & (first < head), first, head)
-
-
 def _free_order(cells: RecurrentCells, head: Scalar) -> tuple[Int[Array, " rs"], Scalar]:
     """Cells sorted so that the empty ones come first in circular order from ``head``
     (llama.cpp's repeated ``next_empty`` scan, §5.4.4), and the number of empty cells."""
@@ -233,113 +215,141 @@ def _free_order(cells: RecurrentCells, head: Scalar) -> tuple[Int[Array, " rs"],
     return jnp.argsort(key).astype(_I32), jnp.sum(empty).astype(_I32)
 
 
-def _drop_empty(cells: RecurrentCells) -> RecurrentCells:
-    """Cells left without sequences become empty (``pos = -1``, no snapshots)."""
-    held = jnp.any(cells.seq, axis=1)
-    snap = None if cells.snap is None else jnp.where(held[:, None], cells.snap, -1)
-    return cells._replace(pos=jnp.where(held, cells.pos, -1), snap=snap)
-
-
 # --------------------------------------------------------------------------------------------
 # Placement (§5.4, §5.5)
 
 
-def _find_slot_cells(
-    cells: RecurrentCells, ubatch: UBatch, cfg: RecurrentConfig
-) -> tuple[RecurrentCells, RecurrentSlot]:
-    """``find_slot`` on the metadata only (shared by :func:`find_slot` and :func:`prepare`)."""
+class _Sets(NamedTuple):
+    """The seq sets of an equal-split ubatch: set ``k`` is its tokens
+    ``[k * n_seq_tokens, (k+1) * n_seq_tokens)``; entries ``k >= n_seqs`` are unused."""
+
+    used: Bool[Array, " ubatch"]  # k < n_seqs
+    members: Bool[Array, "ubatch seqs"]  # every seq id of set k's first token
+    prim: Bool[Array, "ubatch seqs"]  # its primary (first) id only
+    primary: Int[Array, " ubatch"]
+    last: Int[Array, " ubatch"]  # index of set k's last token
+    bad_id: ScalarBool  # some id of a set is not a cell index (§5.4.2)
+    overlap: ScalarBool  # two sets share a sequence
+
+
+def _sets(ubatch: UBatch, cfg: RecurrentConfig) -> _Sets:
     rs, n_seq = cfg.rs_size, cfg.n_seq_max
     n_ub = ubatch.valid.shape[0]
     if ubatch.seq.shape[1] != n_seq:
         raise ValueError(
             f"ubatch.seq has {ubatch.seq.shape[1]} sequence columns, the memory {n_seq}"
         )
-    n_sets = ubatch.n_seqs.astype(_I32)
     n_tok = ubatch.n_seq_tokens.astype(_I32)
     k = jnp.arange(n_ub, dtype=_I32)
-    set_ok = k < n_sets
+    used = k < ubatch.n_seqs.astype(_I32)
     first = jnp.clip(k * n_tok, 0, n_ub - 1)
-    last = jnp.clip(k * n_tok + n_tok - 1, 0, n_ub - 1)
-
     # §5.4.2: every seq id of a set's first token must be a cell index. Column 0 is the primary
     # id; -1 marks an unused column after it.
     ids = ubatch.seq_id[first]
     col = jnp.arange(ids.shape[1])[None, :]
-    present = set_ok[:, None] & ((col == 0) | (ids != -1))
-    bad_id = jnp.any(present & ((ids < 0) | (ids >= rs)))
+    present = used[:, None] & ((col == 0) | (ids != -1))
     primary = jnp.clip(ids[:, 0], 0, n_seq - 1)
-    members = ubatch.seq[first] & set_ok[:, None]  # [n_ub, n_seq]: every id of set k
-    # Sets of an equal split are disjoint; llama.cpp asserts on anything else.
-    overlap = jnp.any(jnp.sum(members.astype(_I32), axis=0) > 1)
-    prim = members & (jnp.arange(n_seq)[None, :] == primary[:, None])
+    members = ubatch.seq[first] & used[:, None]
+    return _Sets(
+        used=used,
+        members=members,
+        prim=members & (jnp.arange(n_seq)[None, :] == primary[:, None]),
+        primary=primary,
+        last=jnp.clip(k * n_tok + n_tok - 1, 0, n_ub - 1),
+        bad_id=jnp.any(present & ((ids < 0) | (ids >= rs))),
+        # Sets of an equal split are disjoint; llama.cpp asserts on anything else.
+        overlap=jnp.any(jnp.sum(members.astype(_I32), axis=0) > 1),
+    )
 
+
+def _leave_secondary(cells: RecurrentCells, sets: _Sets) -> RecurrentCells:
+    """§5.4.3: secondary ids leave the cell they hold (it may become free); they are merged
+    into their primary's cell when the ubatch is applied (§5.4.7)."""
+    secondary = jnp.any(sets.members & ~sets.prim, axis=0)
+    new, _ = drop_empty(
+        cells._replace(
+            seq=cells.seq & ~secondary[None, :], tail=jnp.where(secondary, -1, cells.tail)
+        )
+    )
+    return new
+
+
+def _find_slot(cells: RecurrentCells, ubatch: UBatch, cfg: RecurrentConfig) -> RecurrentSlot:
+    """:func:`find_slot` on the metadata only (shared with :func:`prepare`)."""
+    rs = cfg.rs_size
+    n_ub = ubatch.valid.shape[0]
+    sets = _sets(ubatch, cfg)
     # §5.4.1: restart heuristic for the free-cell search.
     used = jnp.sum(jnp.any(cells.seq, axis=1)).astype(_I32)
-    head = jnp.where(cells.head > used + 2 * n_sets, 0, cells.head)
-
-    # §5.4.3: secondary ids leave the cell they hold (it may become free); they are merged into
-    # their primary's cell below (§5.4.7).
-    secondary = jnp.any(members & ~prim, axis=0)
-    seq1 = cells.seq & ~secondary[None, :]
-    cells1 = _drop_empty(
-        cells._replace(seq=seq1, tail=jnp.where(secondary, -1, cells.tail), head=head)
-    )
+    head = jnp.where(cells.head > used + 2 * ubatch.n_seqs.astype(_I32), 0, cells.head)
+    cells1 = _leave_secondary(cells, sets)
 
     # §5.4.5: a primary keeps its tail cell if it is the only sequence left in it. Earlier sets
     # whose primary shared that cell have moved out (they found it shared), so set k keeps it iff
     # every member is the primary of a set <= k.
-    tail_p = cells1.tail[primary]
-    has_tail = set_ok & (tail_p >= 0)
+    tail_p = cells1.tail[sets.primary]
+    has_tail = sets.used & (tail_p >= 0)
     cell_members = cells1.seq[jnp.clip(tail_p, 0, rs - 1)]
-    seen = jnp.cumsum(prim.astype(_I32), axis=0) > 0
+    seen = jnp.cumsum(sets.prim.astype(_I32), axis=0) > 0
     keep = has_tail & jnp.all(~cell_members | seen, axis=1)
-    need = set_ok & ~keep
+    need = sets.used & ~keep
     # The sets needing a cell take the free cells in circular order from head (§5.4.4-5); a
     # shared tail is copied on write: the set reads the shared cell and writes the new one.
     free_cells, n_free = _free_order(cells1, head)
     rank = jnp.cumsum(need.astype(_I32)) - 1
     no_cell = jnp.sum(need.astype(_I32)) > n_free
     cell = jnp.where(keep, tail_p, free_cells[jnp.clip(rank, 0, rs - 1)])
-    cell = jnp.where(set_ok, cell, -1)
+    cell = jnp.where(sets.used, cell, -1)
     src = jnp.where(has_tail, tail_p, -1)
 
-    # §5.4.7: each set's cell gets the last position of the set and exactly the first token's ids;
-    # those ids leave any other cell and point their tail at it.
-    any_member = jnp.any(members, axis=0)
-    cell_drop = jnp.where(set_ok, cell, rs)
-    seq2 = (cells1.seq & ~any_member[None, :]).at[cell_drop].set(members, mode="drop")
-    pos2 = cells1.pos.at[cell_drop].set(ubatch.pos[last].astype(_I32), mode="drop")
-    set_of_seq = jnp.argmax(members, axis=0)
-    tail2 = jnp.where(any_member, cell[set_of_seq], cells1.tail)
-    head2 = jnp.min(jnp.where(set_ok, cell, rs)).astype(_I32)
-    new = _drop_empty(cells1._replace(pos=pos2, seq=seq2, tail=tail2, head=head2))
-
-    ok = ~bad_id & ~overlap & ~no_cell
-    apply = ok & (n_sets > 0)
+    ok = ~sets.bad_id & ~sets.overlap & ~no_cell
     snap_from = None
     if cfg.n_snapshots:
-        snap, snap_from = _place_snapshots(new.snap, cells1, ubatch, src, cell, set_ok, cfg)
-        new = new._replace(snap=snap)
+        _, snap_from = _snapshot_rows(cells1, ubatch, src, cell, sets.used, cfg)
         snap_from = jnp.where(ok, snap_from, -3)
     minus1 = jnp.full((n_ub,), -1, _I32)
-    slot = RecurrentSlot(
+    return RecurrentSlot(
         src=jnp.where(ok, src, minus1).astype(_I32),
         dst=jnp.where(ok, cell, minus1).astype(_I32),
         ok=ok,
         snap_from=snap_from,
     )
-    return _select(apply, new, cells), slot
 
 
-def _place_snapshots(
-    snap: Int[Array, "rs snapshots"],
+def _apply_ubatch(
+    cells: RecurrentCells, ubatch: UBatch, slot: RecurrentSlot, cfg: RecurrentConfig
+) -> RecurrentCells:
+    """:func:`apply_ubatch` on the metadata only (shared with :func:`prepare`)."""
+    rs = cfg.rs_size
+    sets = _sets(ubatch, cfg)
+    cells1 = _leave_secondary(cells, sets)
+    # §5.4.7: each set's cell gets the last position of the set and exactly the first token's ids;
+    # those ids leave any other cell and point their tail at it.
+    cell = slot.dst
+    any_member = jnp.any(sets.members, axis=0)
+    cell_drop = jnp.where(sets.used & (cell >= 0), cell, rs)
+    seq2 = (cells1.seq & ~any_member[None, :]).at[cell_drop].set(sets.members, mode="drop")
+    pos2 = cells1.pos.at[cell_drop].set(ubatch.pos[sets.last].astype(_I32), mode="drop")
+    set_of_seq = jnp.argmax(sets.members, axis=0)
+    tail2 = jnp.where(any_member, cell[set_of_seq], cells1.tail)
+    head2 = jnp.min(jnp.where(sets.used, cell, rs)).astype(_I32)
+    new, _ = drop_empty(cells1._replace(pos=pos2, seq=seq2, tail=tail2, head=head2))
+    if cfg.n_snapshots:
+        row, _ = _snapshot_rows(cells1, ubatch, slot.src, cell, sets.used, cfg)
+        n_sets = row.shape[0]
+        dst = jnp.where(sets.used[:n_sets], cell[:n_sets], rs)
+        new = new._replace(snap=new.snap.at[dst].set(row, mode="drop"))
+    return _select(slot.ok & (ubatch.n_seqs > 0), new, cells)
+
+
+def _snapshot_rows(
     old: RecurrentCells,
     ubatch: UBatch,
     src: Int[Array, " ubatch"],
     cell: Int[Array, " ubatch"],
     set_ok: Bool[Array, " ubatch"],
     cfg: RecurrentConfig,
-) -> tuple[Int[Array, "rs snapshots"], Int[Array, "sets snapshots"]]:
+) -> tuple[Int[Array, "sets snapshots"], Int[Array, "sets snapshots"]]:
     """Snapshot slots of every set's destination cell after the ubatch (§5.10, our form).
 
     A set ending at position ``P`` keeps the states after the positions in ``[P - H, P)`` that
@@ -348,8 +358,8 @@ def _place_snapshots(
     positions fall in distinct slots ``q % H``, so these never collide.
 
     Returns:
-        The updated ``snap`` and, per set, where each slot's state comes from (see
-        :class:`RecurrentSlot`).
+        Per set, the positions its destination cell's snapshot slots hold (``cells.snap`` rows,
+        -1 = none) and where each slot's state comes from (``RecurrentSlot.snap_from``).
     """
     h, rs = cfg.n_snapshots, cfg.rs_size
     n_ub = ubatch.valid.shape[0]
@@ -386,22 +396,17 @@ def _place_snapshots(
     slot = jnp.where(use, q % h, h)
     row = row.at[rows, slot].set(q, mode="drop")
     frm = frm.at[rows, slot].set(t, mode="drop")
-
-    row = jnp.where(ok_k[:, None], row, -1)
-    frm = jnp.where(ok_k[:, None], frm, -3)
-    dst = jnp.where(ok_k, cell[:n_sets], rs)
-    return snap.at[dst].set(row, mode="drop"), frm
+    return jnp.where(ok_k[:, None], row, -1), jnp.where(ok_k[:, None], frm, -3)
 
 
-def find_slot(
-    mem: RecurrentMemory, ubatch: UBatch, cfg: RecurrentConfig
-) -> tuple[RecurrentMemory, RecurrentSlot]:
-    """Places one ubatch of an equal (or seq) split in the memory (§5.4).
+def find_slot(mem: RecurrentMemory, ubatch: UBatch, cfg: RecurrentConfig) -> RecurrentSlot:
+    """Finds the cells of one ubatch of an equal (or seq) split without changing the memory (§5.4).
 
     Each seq set keeps its sequence's cell when no other sequence shares it; otherwise it moves to
     a free cell, starting from the shared state (copy-on-write) or from zeros (new sequence). The
-    secondary seq ids of a set's tokens join the primary's cell. Only metadata changes; the layers
-    then use :func:`read_states` / :func:`write_states` with the returned slot.
+    secondary seq ids of a set's tokens join the primary's cell. :func:`apply_ubatch` then records
+    the placement in the metadata, and the layers use :func:`read_states` /
+    :func:`write_states` with the slot.
 
     Args:
         mem: the memory.
@@ -409,8 +414,8 @@ def find_slot(
         cfg: the memory's config.
 
     Returns:
-        ``(mem, slot)``. When ``slot.ok`` is False (a seq id outside ``[0, rs_size)``, overlapping
-        seq sets, or no free cell) ``mem`` is returned unchanged.
+        The slot; ``slot.ok`` is False for a seq id outside ``[0, rs_size)``, overlapping seq sets,
+        or no free cell.
 
     Examples:
         >>> from jaxhybrid._batch import make_batch, split_equal, get_ubatch
@@ -418,13 +423,32 @@ def find_slot(
         >>> b = make_batch([1, 2, 3], pos=[0, 1, 2], n_batch=4)
         >>> plan = split_equal(b, n_ubatch=4, n_seq_max=2, sequential=True)
         >>> ub = get_ubatch(b, plan, 0, n_ubatch=4, n_seq_max=2)
-        >>> mem, slot = find_slot(init_recurrent(cfg), ub, cfg)
+        >>> mem = init_recurrent(cfg)
+        >>> slot = find_slot(mem, ub, cfg)
+        >>> mem = apply_ubatch(mem, ub, slot, cfg)
         >>> bool(slot.ok), slot.src[0].item(), seq_pos_max(mem, 0, cfg).item()
         (True, -1, 2)
     """
     _check_memory(mem, cfg)
-    cells, slot = _find_slot_cells(mem.cells, ubatch, cfg)
-    return mem._replace(cells=cells), slot
+    return _find_slot(mem.cells, ubatch, cfg)
+
+
+def apply_ubatch(
+    mem: RecurrentMemory, ubatch: UBatch, slot: RecurrentSlot, cfg: RecurrentConfig
+) -> RecurrentMemory:
+    """Records the placement ``slot`` of ``ubatch`` (from :func:`find_slot` on this memory) in
+    the cell metadata (§5.4.7); no state data moves. A slot that is not ``ok`` changes nothing.
+    """
+    _check_memory(mem, cfg)
+    return mem._replace(cells=_apply_ubatch(mem.cells, ubatch, slot, cfg))
+
+
+class _DryRun(NamedTuple):
+    """Carry of the dry run: the next ubatch, the cells so far, whether all fit so far."""
+
+    u: Scalar
+    cells: RecurrentCells
+    ok: ScalarBool
 
 
 def prepare(
@@ -435,7 +459,8 @@ def prepare(
     *,
     n_ubatch: int,
 ) -> tuple[ScalarBool, Scalar]:
-    """Dry run of :func:`find_slot` over every ubatch of ``plan`` (§5.5); memory is untouched.
+    """Dry run of :func:`find_slot` + :func:`apply_ubatch` over every ubatch of ``plan`` (§5.5);
+    the memory is untouched.
 
     Whether the plan covers the whole batch (``plan.complete``) is the caller's check.
 
@@ -445,18 +470,17 @@ def prepare(
     """
     _check_memory(mem, cfg)
 
-    def cond(carry):
-        u, _, ok = carry
-        return ok & (u < plan.n_ubatches)
+    def cond(c: _DryRun):
+        return c.ok & (c.u < plan.n_ubatches)
 
-    def body(carry):
-        u, cells, _ = carry
-        ub = get_ubatch(batch, plan, u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
-        cells, slot = _find_slot_cells(cells, ub, cfg)
-        return jnp.where(slot.ok, u + 1, u), cells, slot.ok
+    def body(c: _DryRun) -> _DryRun:
+        ub = get_ubatch(batch, plan, c.u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
+        slot = _find_slot(c.cells, ub, cfg)
+        cells = _apply_ubatch(c.cells, ub, slot, cfg)
+        return _DryRun(jnp.where(slot.ok, c.u + 1, c.u), cells, slot.ok)
 
-    u, _, ok = jax.lax.while_loop(cond, body, (jnp.int32(0), mem.cells, jnp.bool_(True)))
-    return ok, jnp.where(ok, -1, u).astype(_I32)
+    out = jax.lax.while_loop(cond, body, _DryRun(jnp.int32(0), mem.cells, jnp.bool_(True)))
+    return out.ok, jnp.where(out.ok, -1, out.u).astype(_I32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,19 +495,23 @@ def _layer_plane(buf: Array, layer, n_layers: int) -> Array:
     return jax.lax.dynamic_index_in_dim(buf, jnp.asarray(layer, _I32), 0, keepdims=False)
 
 
-def read_states(mem: RecurrentMemory, layer, slot: RecurrentSlot) -> tuple[Array, Array]:
+def read_states(
+    mem: RecurrentMemory, layer, slot: RecurrentSlot, cfg: RecurrentConfig
+) -> tuple[Array, Array]:
     """Initial ``r`` / ``s`` state of every seq set of a ubatch in one layer.
 
     Args:
-        mem: the memory (as returned by :func:`find_slot`).
+        mem: the memory (as returned by :func:`apply_ubatch`).
         layer: index of the recurrent layer, a static int or a traced int32 scalar.
         slot: the ubatch's placement.
+        cfg: the memory's config.
 
     Returns:
         ``(r0, s0)`` of shapes ``[n_ubatch, *r_shape]`` and ``[n_ubatch, *s_shape]``; zeros for
         sets starting a new sequence (``src == -1``) and for unused entries.
     """
-    n_layers, rs = mem.r.shape[0], mem.r.shape[1]
+    _check_memory(mem, cfg)
+    n_layers, rs = cfg.n_layers, cfg.rs_size
     src = slot.src
     idx = jnp.clip(src, 0, rs - 1)
 
@@ -502,6 +530,7 @@ def write_states(
     r: Array,
     s: Array,
     n_seqs,
+    cfg: RecurrentConfig,
     *,
     r_tok: Array | None = None,
     s_tok: Array | None = None,
@@ -509,12 +538,13 @@ def write_states(
     """Writes the final ``r`` / ``s`` state of every seq set of a ubatch in one layer.
 
     Args:
-        mem: the memory (as returned by :func:`find_slot`).
+        mem: the memory (as returned by :func:`apply_ubatch`).
         layer: index of the recurrent layer, a static int or a traced int32 scalar.
         slot: the ubatch's placement.
         r: ``[n_ubatch, *r_shape]`` final convolution states, one per seq set.
         s: ``[n_ubatch, *s_shape]`` final SSM states.
         n_seqs: the ubatch's number of seq sets; entries ``>= n_seqs`` are dropped.
+        cfg: the memory's config.
         r_tok: ``[n_ubatch, *r_shape]``, the state after every token of the ubatch (in ubatch
             order); required when the memory keeps snapshots (``n_snapshots > 0``), which are
             taken from it, ignored otherwise.
@@ -525,7 +555,8 @@ def write_states(
         dtypes) and, with snapshots, each destination's snapshot slots filled as
         ``slot.snap_from`` says. Nothing is written when ``slot.ok`` is False.
     """
-    n_layers, rs = mem.r.shape[0], mem.r.shape[1]
+    _check_memory(mem, cfg)
+    n_layers, rs = cfg.n_layers, cfg.rs_size
     n_ub = slot.dst.shape[0]
     for name, x, buf in (("r", r, mem.r), ("s", s, mem.s)):
         if tuple(x.shape) != (n_ub, *buf.shape[2:]):
@@ -576,16 +607,49 @@ def _write_snapshots(snap, live, tok, layer, slot: RecurrentSlot, dst) -> Array:
 # Sequence operations (§5.7)
 
 
+class _OwnCell(NamedTuple):
+    """A sequence moved into a cell of its own (see :func:`_own_cell`)."""
+
+    cells: RecurrentCells  # the sequence's membership and tail moved to ``to``, nothing else
+    to: Scalar  # its tail cell, or the first free cell when it had to move
+    ok: ScalarBool  # False when it had to move and no cell is free
+
+
+def _own_cell(
+    cells: RecurrentCells, seq: Scalar, move: ScalarBool, cfg: RecurrentConfig
+) -> _OwnCell:
+    """Gives sequence ``seq`` (in range) a cell of its own: when ``move`` it is split off its
+    tail cell into the first free cell in circular order from the head (sequences sharing the old
+    cell keep it), else it stays in its tail cell. No data moves; the caller copies the state."""
+    rs, n_seq = cfg.rs_size, cfg.n_seq_max
+    col = jnp.arange(n_seq) == seq
+    free_cells, n_free = _free_order(cells, cells.head)
+    to = jnp.where(move, free_cells[0], jnp.clip(cells.tail[seq], 0, rs - 1))
+    at_to = jnp.arange(rs) == to
+    new = cells._replace(
+        seq=(cells.seq & ~col[None, :]) | (at_to[:, None] & col[None, :]),
+        tail=jnp.where(col, to, cells.tail),
+    )
+    return _OwnCell(new, to, ~move | (n_free > 0))
+
+
+def _shared(cells: RecurrentCells, seq: Scalar, cfg: RecurrentConfig) -> ScalarBool:
+    """Whether ``seq``'s tail cell holds other sequences too."""
+    tc = jnp.clip(cells.tail[seq], 0, cfg.rs_size - 1)
+    return jnp.sum(cells.seq[tc].astype(_I32)) > 1
+
+
 def seq_rm(
     mem: RecurrentMemory, seq, p0, p1, cfg: RecurrentConfig
 ) -> tuple[RecurrentMemory, ScalarBool]:
-    """Removes the positions ``[p0, p1)`` of ``seq`` (all sequences when ``seq < 0``) (§5.7.1).
+    """Removes the positions ``[p0, p1)`` of ``seq`` (-1 = every sequence) (§5.7.1).
 
     A state cannot be rewound, so only these succeed: removing the whole state (a range holding
     the last position and starting at 0), a range not holding the last position (true, no change:
-    the state keeps what it absorbed, which context shift relies on), and for ``seq < 0`` an empty
-    range or ``[0, +inf)`` (every cell cleared). ``seq >= n_seq_max`` and a range holding the last
-    position but starting after 0 return False and leave the memory bit-identical.
+    the state keeps what it absorbed, which context shift relies on), and for ``seq == -1`` an
+    empty range or ``[0, +inf)`` (every cell cleared). Any other id outside ``[0, n_seq_max)``
+    (difference 13) and a range holding the last position but starting after 0 return False and
+    leave the memory bit-identical.
 
     With snapshots (``n_snapshots > 0``) a range holding the last position and starting at
     ``p0 > 0`` also succeeds when the state after ``p0 - 1`` is among the snapshots (a rewind of
@@ -599,51 +663,56 @@ def seq_rm(
         True
     """
     _check_memory(mem, cfg)
-    seq, p0, p1 = _scalar(seq), _scalar(p0), _scalar(p1)
-    p0, p1 = _normalise_range(p0, p1)
+    seq = i32_scalar(seq)
+    p0, p1 = norm_range(p0, p1)
     cells = mem.cells
-    rs, n_seq = cfg.rs_size, cfg.n_seq_max
-    sc = jnp.clip(seq, 0, n_seq - 1)
-    col = jnp.arange(n_seq) == sc
-
-    # seq >= 0: the one state of seq is at tail[seq].
-    tail = cells.tail[sc]
-    last = cells.pos[jnp.clip(tail, 0, rs - 1)]
-    has_state = tail >= 0
-    holds_last = has_state & (p0 <= last) & (last < p1)
-    refuse_one = holds_last & (p0 > 0)
-    hit_one = (cells.pos >= p0) & (cells.pos < p1) & cells.seq[:, sc]
-    seq_one = jnp.where(holds_last, cells.seq & ~col[None, :], cells.seq)
-    tail_one = jnp.where(holds_last & col, -1, cells.tail)
-    freed_one = holds_last & hit_one & ~jnp.any(seq_one, axis=1)
-
-    # seq < 0: all or nothing.
-    empty_range = p0 == p1
-    everything = (p0 == 0) & (p1 == _POS_INF)
-    clear_all = ~empty_range & everything
-    refuse_all = ~empty_range & ~everything
-    nonempty = jnp.any(cells.seq, axis=1)
-    seq_all = jnp.where(clear_all, jnp.zeros_like(cells.seq), cells.seq)
-    tail_all = jnp.where(clear_all, -1, cells.tail)
-    freed_all = clear_all & nonempty
-
-    neg = seq < 0
-    ok = jnp.where(neg, ~refuse_all, (seq < rs) & ~refuse_one)
-    freed = jnp.where(neg, freed_all, freed_one)
-    new = _drop_empty(
-        cells._replace(
-            seq=jnp.where(neg, seq_all, seq_one),
-            tail=jnp.where(neg, tail_all, tail_one),
-            head=_lower_head(cells.head, freed),
-        )
-    )
+    every = seq == -1
+    one, ok_one, rewind = _rm_one(cells, seq, p0, p1, cfg)
+    all_cells, ok_all = _rm_every(cells, p0, p1)
+    ok = jnp.where(every, ok_all, ok_one)
+    new = _select(every, all_cells, one)
     if not cfg.n_snapshots:
         return mem._replace(cells=_select(ok, new, cells)), ok
-    roll = ~neg & (seq < rs) & refuse_one
-    mem_roll, ok_roll = _rewind(mem, sc, p0 - 1, roll, cfg)
+    roll = ~every & seq_ok(seq, cfg.n_seq_max) & rewind
+    mem_roll, ok_roll = _rewind(mem, jnp.clip(seq, 0, cfg.n_seq_max - 1), p0 - 1, roll, cfg)
     ok = ok | ok_roll
     new = _select(ok_roll, mem_roll.cells, new)
     return mem_roll._replace(cells=_select(ok, new, cells)), ok
+
+
+def _rm_one(
+    cells: RecurrentCells, seq: Scalar, p0: Scalar, p1: Scalar, cfg: RecurrentConfig
+) -> tuple[RecurrentCells, ScalarBool, ScalarBool]:
+    """:func:`seq_rm` of one sequence: ``(cells, ok, a rewind is needed)``."""
+    rs, n_seq = cfg.rs_size, cfg.n_seq_max
+    sc = jnp.clip(seq, 0, n_seq - 1)
+    col = jnp.arange(n_seq) == sc
+    tail = cells.tail[sc]
+    last = cells.pos[jnp.clip(tail, 0, rs - 1)]
+    holds_last = (tail >= 0) & (p0 <= last) & (last < p1)
+    rewind = holds_last & (p0 > 0)
+    new, freed = drop_empty(
+        cells._replace(
+            seq=jnp.where(holds_last, cells.seq & ~col[None, :], cells.seq),
+            tail=jnp.where(holds_last & col, -1, cells.tail),
+        )
+    )
+    new = new._replace(head=lower_head(cells.head, freed))
+    return new, seq_ok(seq, n_seq) & ~rewind, rewind
+
+
+def _rm_every(cells: RecurrentCells, p0: Scalar, p1: Scalar) -> tuple[RecurrentCells, ScalarBool]:
+    """:func:`seq_rm` of every sequence, all or nothing: ``(cells, ok)``."""
+    empty_range = p0 == p1
+    everything = (p0 == 0) & (p1 == POS_INF)
+    clear_all = ~empty_range & everything
+    new, freed = drop_empty(
+        cells._replace(
+            seq=jnp.where(clear_all, jnp.zeros_like(cells.seq), cells.seq),
+            tail=jnp.where(clear_all, -1, cells.tail),
+        )
+    )
+    return new._replace(head=lower_head(cells.head, freed)), empty_range | everything
 
 
 def _rewind(
@@ -654,29 +723,22 @@ def _rewind(
     Returns the memory (data written only on success) and whether the rewind happened.
     """
     cells = mem.cells
-    rs, n_seq = cfg.rs_size, cfg.n_seq_max
-    col = jnp.arange(n_seq) == seq
+    rs = cfg.rs_size
     tc = jnp.clip(cells.tail[seq], 0, rs - 1)
     row = cells.snap[tc]
     at = (row == q) & (q >= 0)
     j = jnp.argmax(at)
-    shared = jnp.sum(cells.seq[tc].astype(_I32)) > 1
-    free_cells, n_free = _free_order(cells, cells.head)
-    f = free_cells[0]
-    ok = want & jnp.any(at) & (~shared | (n_free > 0))
     # The rewound state lives in its own cell: the tail cell, or a free one when shared.
-    to = jnp.where(shared, f, tc)
-    at_to = jnp.arange(rs) == to
-    leave = shared & (jnp.arange(rs) == tc)
-    seq_new = (cells.seq & ~(leave[:, None] & col[None, :])) | (at_to[:, None] & col[None, :])
-    new = cells._replace(
+    shared = _shared(cells, seq, cfg)
+    own = _own_cell(cells, seq, shared, cfg)
+    ok = want & jnp.any(at) & own.ok
+    at_to = jnp.arange(rs) == own.to
+    new = own.cells._replace(
         pos=jnp.where(at_to, q, cells.pos),
-        seq=seq_new,
-        tail=jnp.where(col, to, cells.tail),
         snap=jnp.where(at_to[:, None], jnp.where(row >= q, -1, row)[None, :], cells.snap),
     )
-    w = jnp.where(ok, to, rs)  # data: the live state from the snapshot, the ring with it
-    wf = jnp.where(ok & shared, f, rs)
+    w = jnp.where(ok, own.to, rs)  # data: the live state from the snapshot, the ring with it
+    wf = jnp.where(ok & shared, own.to, rs)
     return (
         RecurrentMemory(
             cells=_select(ok, new, cells),
@@ -700,17 +762,17 @@ def seq_cp(
     """
     _check_memory(mem, cfg)
     del p0, p1
-    src, dst = _scalar(src), _scalar(dst)
+    src, dst = i32_scalar(src), i32_scalar(dst)
     cells = mem.cells
     n_seq = cfg.n_seq_max
-    ok = _seq_ok(src, cfg) & _seq_ok(dst, cfg)
+    ok = seq_ok(src, n_seq) & seq_ok(dst, n_seq)
     act = ok & (src != dst)
     sc, dc = jnp.clip(src, 0, n_seq - 1), jnp.clip(dst, 0, n_seq - 1)
     dcol = jnp.arange(n_seq) == dc
     t_src = cells.tail[sc]
     joins = jnp.arange(cfg.rs_size) == t_src  # all False when src has no state
     seq = (cells.seq & ~dcol[None, :]) | (joins[:, None] & dcol[None, :])
-    new = _drop_empty(cells._replace(seq=seq, tail=jnp.where(dcol, t_src, cells.tail)))
+    new, _ = drop_empty(cells._replace(seq=seq, tail=jnp.where(dcol, t_src, cells.tail)))
     return mem._replace(cells=_select(act, new, cells)), ok
 
 
@@ -720,17 +782,17 @@ def seq_keep(mem: RecurrentMemory, seq, cfg: RecurrentConfig) -> tuple[Recurrent
     An id outside ``[0, n_seq_max)`` returns False and changes nothing.
     """
     _check_memory(mem, cfg)
-    seq = _scalar(seq)
+    seq = i32_scalar(seq)
     cells = mem.cells
     n_seq = cfg.n_seq_max
-    ok = _seq_ok(seq, cfg)
+    ok = seq_ok(seq, n_seq)
     col = jnp.arange(n_seq) == jnp.clip(seq, 0, n_seq - 1)
     holds = cells.seq[:, jnp.clip(seq, 0, n_seq - 1)]
-    new = _drop_empty(
+    new, _ = drop_empty(
         cells._replace(
             seq=holds[:, None] & col[None, :],
             tail=jnp.where(col, cells.tail, -1),
-            head=_lower_head(cells.head, ~holds),
+            head=lower_head(cells.head, ~holds),
         )
     )
     return mem._replace(cells=_select(ok, new, cells)), ok
@@ -741,7 +803,7 @@ def _move_position(
 ) -> tuple[RecurrentMemory, ScalarBool]:
     """Sets the position of ``seq``'s state to ``new_pos`` when ``hit``, for seq_add/seq_div.
 
-    Only ``seq`` moves (DESIGN difference 10): a shared state is first split off into a free cell
+    Only ``seq`` moves (difference 10): a shared state is first split off into a free cell
     with a copy of its data in every layer (False and no change without a free cell). A position
     below 0 clears ``seq``'s state (difference 11). The moved state keeps no snapshots: they are
     keyed by position, so a shift restarts the rollback horizon.
@@ -750,32 +812,27 @@ def _move_position(
     rs, n_seq = cfg.rs_size, cfg.n_seq_max
     sc = jnp.clip(seq, 0, n_seq - 1)
     col = jnp.arange(n_seq) == sc
-    t = cells.tail[sc]
-    tc = jnp.clip(t, 0, rs - 1)
-    at_t = jnp.arange(rs) == tc
-    shared = jnp.sum(cells.seq[tc].astype(_I32)) > 1
     drop = hit & (new_pos < 0)
-    split = hit & ~drop & shared
-    in_place = hit & ~drop & ~shared
-    free_cells, n_free = _free_order(cells, cells.head)
-    f = free_cells[0]
-    ok = ~split | (n_free > 0)
-    at_f = (jnp.arange(rs) == f) & split
-
-    leave = (drop | split) & at_t
-    seq_new = (cells.seq & ~(leave[:, None] & col[None, :])) | (at_f[:, None] & col[None, :])
-    pos_new = jnp.where((in_place & at_t) | at_f, new_pos, cells.pos)
-    tail_new = jnp.where(col & drop, -1, jnp.where(col & split, f, cells.tail))
-    moved = (in_place & at_t) | at_f
+    split = hit & ~drop & _shared(cells, sc, cfg)
+    own = _own_cell(cells, sc, split, cfg)
+    moved = (jnp.arange(rs) == own.to) & hit & ~drop  # the cell now holding the moved state
     snap = None if cells.snap is None else jnp.where(moved[:, None], -1, cells.snap)
-    new = _drop_empty(cells._replace(pos=pos_new, seq=seq_new, tail=tail_new, snap=snap))
-    new = new._replace(head=_lower_head(cells.head, jnp.any(cells.seq, axis=1) & (new.pos < 0)))
+    new, _ = drop_empty(
+        cells._replace(
+            pos=jnp.where(moved, new_pos, cells.pos),
+            seq=jnp.where(drop, cells.seq & ~col[None, :], own.cells.seq),
+            tail=jnp.where(drop & col, -1, own.cells.tail),
+            snap=snap,
+        )
+    )
+    new = new._replace(head=lower_head(cells.head, jnp.any(cells.seq, axis=1) & (new.pos < 0)))
 
     # The split-off cell gets a copy of the shared state (the only eager data copy here).
-    to = jnp.where(split & ok, f, rs)
+    tc = jnp.clip(cells.tail[sc], 0, rs - 1)
+    to = jnp.where(split & own.ok, own.to, rs)
     r = mem.r.at[:, to].set(mem.r[:, tc], mode="drop")
     s = mem.s.at[:, to].set(mem.s[:, tc], mode="drop")
-    return mem._replace(cells=_select(ok, new, cells), r=r, s=s), ok
+    return mem._replace(cells=_select(own.ok & hit, new, cells), r=r, s=s), own.ok
 
 
 def _selected(cells: RecurrentCells, seq: Scalar, p0: Scalar, p1: Scalar, cfg: RecurrentConfig):
@@ -792,16 +849,16 @@ def seq_add(
 
     Positions only; the state data is unchanged. Only ``seq`` moves: a state shared with other
     sequences is split off first (with a data copy), and a state moved below position 0 is
-    cleared (DESIGN differences 10, 11).
+    cleared (differences 10, 11).
 
     Returns:
         ``(mem, ok)``; False (memory unchanged) for an id outside ``[0, n_seq_max)`` or when a
         shared state must be split off and no cell is free.
     """
     _check_memory(mem, cfg)
-    seq, p0, p1, delta = _scalar(seq), _scalar(p0), _scalar(p1), _scalar(delta)
-    p0, p1 = _normalise_range(p0, p1)
-    valid = _seq_ok(seq, cfg)
+    seq, delta = i32_scalar(seq), i32_scalar(delta)
+    p0, p1 = norm_range(p0, p1)
+    valid = seq_ok(seq, cfg.n_seq_max)
     sel, pos = _selected(mem.cells, seq, p0, p1, cfg)
     hit = valid & sel & (delta != 0) & (p0 != p1)
     new, ok = _move_position(mem, seq, hit, pos + delta, cfg)
@@ -817,14 +874,20 @@ def seq_div(
     actually changes). ``d < 1`` and ids outside ``[0, n_seq_max)`` return False, no change.
     """
     _check_memory(mem, cfg)
-    seq, p0, p1, d = _scalar(seq), _scalar(p0), _scalar(p1), _scalar(d)
-    p0, p1 = _normalise_range(p0, p1)
-    valid = _seq_ok(seq, cfg) & (d >= 1)
+    seq, d = i32_scalar(seq), i32_scalar(d)
+    p0, p1 = norm_range(p0, p1)
+    valid = seq_ok(seq, cfg.n_seq_max) & (d >= 1)
     sel, pos = _selected(mem.cells, seq, p0, p1, cfg)
     new_pos = pos // jnp.maximum(d, 1)  # pos >= 0, d >= 1: floor == C++ truncation
     hit = valid & sel & (d != 1) & (p0 != p1) & (new_pos != pos)
     new, ok = _move_position(mem, seq, hit, new_pos, cfg)
     return new, valid & ok
+
+
+def can_shift(cfg: RecurrentConfig) -> bool:
+    """Positions of recurrent states can always be shifted (:func:`seq_add`, :func:`seq_div`)."""
+    del cfg
+    return True
 
 
 def seq_pos_range(
@@ -841,18 +904,18 @@ def seq_pos_range(
     cells = mem.cells
     pos = cells.pos
     if cells.snap is not None and snapshots:
-        oldest = jnp.min(jnp.where(cells.snap >= 0, cells.snap, _POS_INF), axis=1)
+        oldest = jnp.min(jnp.where(cells.snap >= 0, cells.snap, POS_INF), axis=1)
         pos = jnp.where(pos >= 0, jnp.minimum(pos, oldest), pos)
     has = jnp.any(cells.seq, axis=0)
-    lo = jnp.min(jnp.where(cells.seq, pos[:, None], _POS_INF), axis=0)
+    lo = jnp.min(jnp.where(cells.seq, pos[:, None], POS_INF), axis=0)
     pos = cells.pos[:, None]
     hi = jnp.max(jnp.where(cells.seq, pos, -1), axis=0)
     return jnp.where(has, lo, -1).astype(_I32), jnp.where(has, hi, -1).astype(_I32)
 
 
 def _one_seq(values: Int[Array, " seqs"], seq, cfg: RecurrentConfig) -> Scalar:
-    seq = _scalar(seq)
-    return jnp.where(_seq_ok(seq, cfg), values[jnp.clip(seq, 0, cfg.n_seq_max - 1)], -1)
+    seq = i32_scalar(seq)
+    return jnp.where(seq_ok(seq, cfg.n_seq_max), values[jnp.clip(seq, 0, cfg.n_seq_max - 1)], -1)
 
 
 def seq_pos_min(mem: RecurrentMemory, seq, cfg: RecurrentConfig) -> Scalar:
@@ -865,8 +928,12 @@ def seq_pos_max(mem: RecurrentMemory, seq, cfg: RecurrentConfig) -> Scalar:
     return _one_seq(seq_pos_range(mem, cfg)[1], seq, cfg)
 
 
-def clear(mem: RecurrentMemory, data: bool | ScalarBool = True) -> RecurrentMemory:
-    """Empties every cell (§5.7.8); with ``data`` the state buffers are zeroed as well."""
+def clear(
+    mem: RecurrentMemory, cfg: RecurrentConfig, *, data: bool | ScalarBool = True
+) -> RecurrentMemory:
+    """Empties every cell (§5.7.8); with ``data`` the state buffers are zeroed as well (a static
+    bool, or a traced one at the cost of a pass over the buffers)."""
+    _check_memory(mem, cfg)
     cells = mem.cells
     empty = RecurrentCells(
         pos=jnp.full_like(cells.pos, -1),
@@ -905,29 +972,18 @@ def put_state(
         ``(mem, ok)``; False (memory unchanged) for an id out of range, ``pos < 0`` or no free cell.
     """
     _check_memory(mem, cfg)
-    seq, pos = _scalar(seq), _scalar(pos)
+    seq, pos = i32_scalar(seq), i32_scalar(pos)
     cells = mem.cells
-    rs, n_seq = cfg.rs_size, cfg.n_seq_max
-    sc = jnp.clip(seq, 0, n_seq - 1)
-    col = jnp.arange(n_seq) == sc
-    t = cells.tail[sc]
-    tc = jnp.clip(t, 0, rs - 1)
-    own = (t >= 0) & (jnp.sum(cells.seq[tc].astype(_I32)) == 1)
-    free_cells, n_free = _free_order(cells, cells.head)
-    ok = _seq_ok(seq, cfg) & (pos >= 0) & (own | (n_free > 0))
-    to = jnp.where(own, tc, free_cells[0])
-    at_to = jnp.arange(rs) == to
-    seq_new = (cells.seq & ~col[None, :]) | (at_to[:, None] & col[None, :])
+    rs = cfg.rs_size
+    sc = jnp.clip(seq, 0, cfg.n_seq_max - 1)
+    tc = jnp.clip(cells.tail[sc], 0, rs - 1)
+    alone = (cells.tail[sc] >= 0) & (jnp.sum(cells.seq[tc].astype(_I32)) == 1)
+    own = _own_cell(cells, sc, ~alone, cfg)
+    ok = seq_ok(seq, cfg.n_seq_max) & (pos >= 0) & own.ok
+    at_to = jnp.arange(rs) == own.to
     snap = None if cells.snap is None else jnp.where(at_to[:, None], -1, cells.snap)
-    new = _drop_empty(
-        cells._replace(
-            pos=jnp.where(at_to, pos, cells.pos),
-            seq=seq_new,
-            tail=jnp.where(col, to, cells.tail),
-            snap=snap,
-        )
-    )
-    w = jnp.where(ok, to, rs)
+    new, _ = drop_empty(own.cells._replace(pos=jnp.where(at_to, pos, cells.pos), snap=snap))
+    w = jnp.where(ok, own.to, rs)
     return (
         mem._replace(
             cells=_select(ok, new, cells),

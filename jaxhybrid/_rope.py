@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from jaxhybrid._typing import Array, Float, Shaped
+from jaxhybrid.array_typing import Array, Float, Shaped
 
 __all__ = ["rope", "rope_shift_fn"]
 

@@ -111,7 +111,7 @@ def step(params, ub: jh.UBatch, mem: jh.HybridMemory, place: jh.Placement, *, cf
     n_ub = x.shape[0]
 
     # Layer 0 (recurrent): walk the tokens in ubatch order; each seq set carries its own state.
-    r0, s0 = jh.read_states(mem, cfg, 0, place)
+    r0, s0 = jh.read_states(mem, 0, place, cfg)
 
     def tok(carry, xs):
         r, h = carry
@@ -124,14 +124,14 @@ def step(params, ub: jh.UBatch, mem: jh.HybridMemory, place: jh.Placement, *, cf
 
     (r, s), (x, r_tok, s_tok) = jax.lax.scan(tok, (r0, s0), (x, place.seq_set, place.valid))
     # The per-token states feed the rollback snapshots when the memory keeps them.
-    mem = jh.write_states(mem, cfg, 0, place, r, s, ub.n_seqs, r_tok=r_tok, s_tok=s_tok)
+    mem = jh.write_states(mem, 0, place, r, s, ub.n_seqs, cfg, r_tok=r_tok, s_tok=s_tok)
 
     # Layer 1 (attention with RoPE at the tokens' positions).
     q = rope((x @ params["wq"]).reshape(n_ub, N_HEADS, HD), ub.pos, theta=THETA)
     k = rope((x @ params["wk"]).reshape(n_ub, N_KV, HD), ub.pos, theta=THETA)
     v = (x @ params["wv"]).reshape(n_ub, N_KV, HD)
-    mem = jh.write_kv(mem, cfg, 1, k, v, place)
-    k_all, v_all = jh.read_kv(mem, cfg, 1)
+    mem = jh.write_kv(mem, 1, k, v, place, cfg)
+    k_all, v_all = jh.read_kv(mem, 1, cfg)
     att = _attend(q, k_all.astype(jnp.float32), v_all.astype(jnp.float32), place.mask)
     x = x + att @ params["wo"]
     return x @ params["head"], mem
@@ -201,3 +201,37 @@ def decoder(cfg: jh.HybridConfig, n_ubatch: int, *, donate: bool = True):
         rope_fn=ROPE_FN,
     )
     return jax.jit(dec, donate_argnums=(1,) if donate else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyHybridModel:
+    """This model as a :class:`jaxhybrid.HybridModel` plug-in: the serving layer runs it through
+    the same code as Jamba (``tests/test_serving.py``). Its step writes per-token states, so its
+    memory can roll back (speculative decoding)."""
+
+    spec: ModelSpec = ModelSpec()
+
+    @property
+    def n_vocab(self) -> int:
+        return VOCAB
+
+    @property
+    def per_token_states(self) -> bool:
+        return True
+
+    @property
+    def rope_fn(self):
+        return ROPE_FN
+
+    def memory_config(
+        self, *, kv_size: int, n_seq_max: int, unified: bool = True, n_snapshots: int = 0
+    ) -> jh.HybridConfig:
+        kv = kv_config(kv_size, n_seq_max, unified, self.spec)
+        rc = dataclasses.replace(recurrent_config(n_seq_max), n_snapshots=n_snapshots)
+        return jh.HybridConfig.from_layers(layer_kinds(), kv, rc)
+
+    def step_fn(self, cfg: jh.HybridConfig):
+        return functools.partial(step, cfg=cfg)
+
+    def param_specs(self, params, mesh):
+        return jax.tree.map(lambda _: jax.sharding.PartitionSpec(), params)

@@ -66,7 +66,7 @@ class RefHybrid:
         )
         if check.code != rb.OK:
             return -1
-        # §6.8 with DESIGN difference 5: non-sequential equal split when the KV cache is unified.
+        # §6.8 with difference 5: non-sequential equal split when the KV cache is unified.
         plan = rb.ref_split_equal(b.seqs, n_ubatch, sequential=not self.kv.unified)
         if not plan.complete:
             return 1

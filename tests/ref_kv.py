@@ -1,4 +1,4 @@
-"""A slow, obvious pure-Python model of the KV cache (spec §1-§4 plus DESIGN differences 6-13).
+"""A slow, obvious pure-Python model of the KV cache (docs/semantics.md §1-§4, differences 4, 6-13).
 
 Written from the spec text with lists, sets and loops, independently of ``jaxhybrid._kv_cache``;
 the randomized tests run the same operations on both and compare everything observable. Each cell
@@ -222,7 +222,7 @@ class RefKV:
         return True
 
     def seq_cp(self, src, dst, p0, p1):
-        """§4.2 with DESIGN 6 (dst replaced), 8 (partial range across streams refused), 12."""
+        """§4.2 with differences 6 (dst replaced), 8 (partial range across streams refused), 12."""
         if not (0 <= src < self.n_seq_max and 0 <= dst < self.n_seq_max):
             return False
         if src == dst:
@@ -249,7 +249,7 @@ class RefKV:
         return True
 
     def seq_keep(self, seq):
-        """§4.3 in every stream (DESIGN 7)."""
+        """§4.3 in every stream (difference 7)."""
         if not 0 <= seq < self.n_seq_max:
             return False
         for st in range(self.n_stream):
@@ -266,7 +266,7 @@ class RefKV:
         return True
 
     def _move(self, seq, lo, hi, new_pos):
-        """Moves only ``seq`` (DESIGN 10); returns (ok, first freed cell or None)."""
+        """Moves only ``seq`` (difference 10); returns (ok, first freed cell or None)."""
         st = self.stream_of(seq)
         cells = [
             c

@@ -6,7 +6,7 @@ so cell indices differ between the two and only observable behaviour is compared
 
 State data is kept per cell as ``data[cell][layer] = (r, s)`` (tuples of floats) and copied
 eagerly where llama.cpp reads through ``src`` (copy-on-write, split-off); a new sequence starts
-from zeros. jaxhybrid's deliberate differences (DESIGN 1, 10, 11, 13) are applied:
+from zeros. jaxhybrid's deliberate differences 1, 10, 11 and 13 (docs/semantics.md) are applied:
 failures change nothing, ``seq_add``/``seq_div`` move only the named sequence, a state shifted
 below 0 is cleared, and out-of-range ids return False.
 """
@@ -260,7 +260,7 @@ class RefRecurrent:
     def _move(self, seq: int, new_pos: int) -> bool:
         t = self.tail[seq]
         cell = self.cells[t]
-        if new_pos < 0:  # DESIGN 11: clear the state
+        if new_pos < 0:  # difference 11: clear the state
             cell.seqs.discard(seq)
             self.tail[seq] = -1
             if not cell.seqs:
@@ -270,7 +270,7 @@ class RefRecurrent:
         if cell.seqs == {seq}:
             cell.pos = new_pos
             return True
-        # DESIGN 10: split off a shared state (with its data) before moving it
+        # difference 10: split off a shared state (with its data) before moving it
         f = self._next_empty(self.head)
         if f < 0:
             return False

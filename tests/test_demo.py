@@ -113,7 +113,7 @@ def test_context_shift_equals_removing_the_range(tiny):
     held = u.kv_pos[0][u.kv_seq[0, :, 0]]
     assert (held.min(), held.max(), u.pos_max[0]) == (0, 22 - n_discard, 22 - n_discard)
     assert u.kv_cells_per_seq[0] == 23 - n_discard
-    assert not bool(jh.kv.has_shift(shifted.mem.kv))  # the K-shift update ran
+    assert not bool(jh.kv.has_shift(shifted.mem.kv, shifted.cfg.kv))  # the K-shift update ran
     # And decoding goes on exactly as over the removed range
     for _ in range(4):
         shifted.step()

@@ -271,7 +271,7 @@ def test_hybrid_seq_rm_is_atomic_and_reports_the_combined_range():
     assert bool(ok)
     assert int(jh.seq_pos_max(new, 0, cfg)) == -1
     assert int(jh.seq_pos_max(new, 1, cfg)) == 5
-    # Invalid sequence ids are refused without change (DESIGN.md difference 13)
+    # Invalid sequence ids are refused without change (difference 13)
     for op in (
         lambda m: jh.seq_rm(m, 7, -1, -1, cfg),
         lambda m: jh.seq_cp(m, 0, 9, -1, -1, cfg),
@@ -359,7 +359,7 @@ def test_config_routing_and_errors():
     with pytest.raises(ValueError, match="same n_seq_max"):
         jh.HybridConfig.from_layers([True], kv, hm.recurrent_config(3))
     with pytest.raises(ValueError, match="served by ATTENTION, not RECURRENT"):
-        jh.read_states(jh.init_hybrid(cfg), cfg, 1, None)
+        jh.read_states(jh.init_hybrid(cfg), 1, None, cfg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def _fns(b: Bucket):
         uid = (uid0 + jnp.arange(b.n_ubatch)).astype(jnp.float32)
         k = jnp.broadcast_to(uid[:, None, None], (b.n_ubatch, cfg.n_kv_heads, cfg.head_dim_k))
         v = jnp.broadcast_to(uid[:, None, None], (b.n_ubatch, cfg.n_kv_heads, cfg.head_dim_v))
-        new = kvc.write_kv(new, 0, k, v, slot, ub.valid)
+        new = kvc.write_kv(new, 0, k, v, slot, cfg)
         return new, slot, kvc.kq_mask(new, ub, slot, cfg)
 
     return dict(
@@ -87,9 +87,9 @@ def _fns(b: Bucket):
         keep=jax.jit(lambda c, s: kvc.seq_keep(c, s, cfg)),
         add=jax.jit(lambda c, s, p0, p1, d: kvc.seq_add(c, s, p0, p1, d, cfg)),
         div=jax.jit(lambda c, s, p0, p1, d: kvc.seq_div(c, s, p0, p1, d, cfg)),
-        clear=jax.jit(lambda c: kvc.clear(c, True)),
-        update=jax.jit(lambda c: kvc.update(c, cfg, None)),
-        has_shift=jax.jit(kvc.has_shift),
+        clear=jax.jit(lambda c: kvc.clear(c, cfg, data=True)),
+        update=jax.jit(lambda c: kvc.update(c, cfg, None)[0]),
+        has_shift=jax.jit(lambda c: kvc.has_shift(c, cfg)),
     )
 
 
@@ -399,8 +399,8 @@ def _attn_step(cache, batch, plan, u, q_all, k_all, v_all, *, cfg):
     slot = kvc.find_slot(cache, ub, cfg)
     cache = kvc.apply_ubatch(cache, ub, slot, cfg)
     bidx = jnp.maximum(ub.batch_idx, 0)
-    cache = kvc.write_kv(cache, 0, k_all[bidx], v_all[bidx], slot, ub.valid)
-    k, v = kvc.read_kv(cache, 0)
+    cache = kvc.write_kv(cache, 0, k_all[bidx], v_all[bidx], slot, cfg)
+    k, v = kvc.read_kv(cache, 0, cfg)
     return (
         cache,
         ub,
@@ -475,7 +475,7 @@ def _place_jit(cache, ub, k_raw, *, cfg, theta, neox):
     pad = ub.valid.shape[0] - k_raw.shape[0]
     k, k_raw = jnp.pad(k, ((0, pad), (0, 0), (0, 0))), jnp.pad(k_raw, ((0, pad), (0, 0), (0, 0)))
     for layer in range(cfg.n_layers):
-        cache = kvc.write_kv(cache, layer, k * (layer + 1), k_raw * (layer + 1), slot, ub.valid)
+        cache = kvc.write_kv(cache, layer, k * (layer + 1), k_raw * (layer + 1), slot, cfg)
     return cache, slot.ok
 
 
@@ -510,8 +510,8 @@ def _kshift_scenario(cache, *, cfg, op, theta, neox):
         cache, ok = kvc.seq_add(cache, 0, 3, -1, -2, cfg)
     else:
         cache, ok = kvc.seq_div(cache, 0, 2, 12, 3, cfg)
-    shifted = kvc.has_shift(cache)
-    return kvc.update(cache, cfg, rope_shift_fn(theta=theta, neox=neox)), ok & ok_cp, shifted
+    shifted = kvc.has_shift(cache, cfg)
+    return kvc.update(cache, cfg, rope_shift_fn(theta=theta, neox=neox))[0], ok & ok_cp, shifted
 
 
 @pytest.mark.parametrize("neox", [False, True])
@@ -542,8 +542,8 @@ def test_k_shift_equals_k_at_new_positions(op, neox, dtype, atol):
         expect0 = [0, 1] + [p // 3 for p in range(2, 12)]
     assert bool(ok) and bool(shifted)
     # Then every stored K equals K computed directly at its cell's new position, shifts are
-    # cleared, seq 0 holds the new positions and seq 1 (split off, DESIGN 10) kept its own
-    assert not bool(kvc.has_shift(cache))
+    # cleared, seq 0 holds the new positions and seq 1 (split off, difference 10) kept its own
+    assert not bool(kvc.has_shift(cache, cfg))
     _assert_k_matches_positions(cache, theta, neox, atol)
     pos, seq = np.asarray(cache.cells.pos[0]), np.asarray(cache.cells.seq[0])
     assert sorted(pos[seq[:, 0]].tolist()) == sorted(expect0)
@@ -557,10 +557,10 @@ def test_update_without_rope_only_clears_shifts():
     cache = _place_seq(kvc.init_kv_cache(cfg), cfg, 0, [0, 1, 2, 3], k_raw, 10000.0, False)
     cache, _ = jax.jit(lambda c: kvc.seq_add(c, 0, -1, -1, 5, cfg))(cache)
     # When updated for a model without RoPE
-    new = jax.jit(lambda c: kvc.update(c, cfg, None))(cache)
+    new, _ = jax.jit(lambda c: kvc.update(c, cfg, None))(cache)
     # Then K is untouched and the shifts are gone
     chex.assert_trees_all_equal(new.k, cache.k)
-    assert not bool(kvc.has_shift(new)) and bool(kvc.has_shift(cache))
+    assert not bool(kvc.has_shift(new, cfg)) and bool(kvc.has_shift(cache, cfg))
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,7 +651,7 @@ def test_seq_add_without_room_to_split_shared_cells_is_refused():
         # Then the operation fails and nothing changes
         assert not bool(ok)
         chex.assert_trees_all_equal(new, cache)
-    # But shifting below 0 needs no room: seq 0 just leaves those cells (DESIGN 10)
+    # But shifting below 0 needs no room: seq 0 just leaves those cells (difference 10)
     new, ok = kvc.seq_add(cache, 0, -1, 2, -2, cfg)
     assert bool(ok)
     assert int(kvc.seq_pos_min(new, 0, cfg)) == 2 and int(kvc.seq_pos_max(new, 0, cfg)) == 3
@@ -663,7 +663,7 @@ def test_cross_stream_copy_copies_data_at_once():
     cfg, cache = _filled_streams_cache()
     # When it is copied to seq 1 over the whole range
     new, ok = kvc.seq_cp(cache, 0, 1, -1, -1, cfg)
-    # Then stream 1 holds the same positions and the same K/V rows immediately (DESIGN 12)
+    # Then stream 1 holds the same positions and the same K/V rows immediately (difference 12)
     assert bool(ok)
     np.testing.assert_array_equal(new.cells.pos[1], cache.cells.pos[0])
     np.testing.assert_array_equal(new.k[:, 1], cache.k[:, 0])
@@ -681,7 +681,7 @@ def _script(cache, cfg, ub, x):
     cache = kvc.apply_ubatch(cache, ub, slot, cfg)
     kk = jnp.ones((ub.valid.shape[0], cfg.n_kv_heads, cfg.head_dim_k), cfg.dtype_k)
     vv = jnp.ones((ub.valid.shape[0], cfg.n_kv_heads, cfg.head_dim_v), cfg.dtype_v)
-    cache = kvc.write_kv(cache, x % cfg.n_layers, kk * x.astype(kk.dtype), vv, slot, ub.valid)
+    cache = kvc.write_kv(cache, x % cfg.n_layers, kk * x.astype(kk.dtype), vv, slot, cfg)
     mask = kvc.kq_mask(cache, ub, slot, cfg)
     outs = [slot.ok, mask, kvc.additive_mask(mask, jnp.bfloat16)]
     cache, ok = kvc.seq_cp(cache, 0, 1, -1, -1, cfg)
@@ -690,12 +690,12 @@ def _script(cache, cfg, ub, x):
     outs.append(ok)
     cache, ok = kvc.seq_div(cache, 0, 0, x + 2, 2, cfg)
     outs.append(ok)
-    cache = kvc.update(cache, cfg, rope_shift_fn())
+    cache, _ = kvc.update(cache, cfg, rope_shift_fn())
     cache, ok = kvc.seq_rm(cache, x - 2, 1, x + 1, cfg)
     outs.append(ok)
     cache, ok = kvc.seq_keep(cache, x % 2, cfg)
     outs += [ok, *kvc.seq_pos_range(cache, cfg), kvc.seq_pos_min(cache, 0, cfg)]
-    outs += [kvc.seq_pos_max(cache, x, cfg), kvc.has_shift(cache)]
+    outs += [kvc.seq_pos_max(cache, x, cfg), kvc.has_shift(cache, cfg)]
     return cache, outs
 
 
@@ -749,14 +749,14 @@ def test_cache_is_a_while_loop_carry():
     def body(carry):
         i, c = carry
         c, _ = kvc.seq_add(c, 0, -1, -1, 1, cfg)
-        return i + 1, kvc.update(c, cfg, rope_shift_fn())
+        return i + 1, kvc.update(c, cfg, rope_shift_fn())[0]
 
     _, out = jax.lax.while_loop(lambda c: c[0] < 3, body, (jnp.int32(0), cache))
     # Then the structure is stable and positions moved by 3
     chex.assert_trees_all_equal_shapes_and_dtypes(out, cache)
     assert int(kvc.seq_pos_max(out, 0, cfg)) == 5
-    chex.assert_trees_all_equal(kvc.clear(out, False).k, out.k)
-    assert not np.asarray(kvc.clear(out).k).any()
+    chex.assert_trees_all_equal(kvc.clear(out, cfg, data=False).k, out.k)
+    assert not np.asarray(kvc.clear(out, cfg).k).any()
 
 
 def test_config_validation():

@@ -44,9 +44,10 @@ def test_span_index_picks_the_smallest_covering_span():
 
 @pytest.mark.parametrize("bad", [0, 65, 3.0])
 def test_read_kv_rejects_a_bad_span(bad):
-    cache = jkv.init_kv_cache(jh.KVConfig(kv_size=64, head_dim_k=4))
+    cfg = jh.KVConfig(kv_size=64, head_dim_k=4)
+    cache = jkv.init_kv_cache(cfg)
     with pytest.raises(ValueError, match="n_kv must be a static int"):
-        jkv.read_kv(cache, 0, bad)
+        jkv.read_kv(cache, 0, cfg, bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,10 +89,10 @@ def test_span_mask_and_kv_equal_the_full_ones_cut_to_the_span(kw):
     # The used span is one past the highest non-empty cell of any stream
     pos = np.asarray(cache.cells.pos)
     expected = max(int(np.nonzero(row >= 0)[0].max()) + 1 for row in pos if (row >= 0).any())
-    n_kv = int(jkv.used_span(cache))
+    n_kv = int(jkv.used_span(cache, cfg))
     assert n_kv == expected
     full = np.asarray(jkv.kq_mask(cache, ub, slot, cfg))
-    k_full, _ = jkv.read_kv(cache, 0)
+    k_full, _ = jkv.read_kv(cache, 0, cfg)
     st = cfg.n_stream
     # The full mask sees nothing at or beyond the used span
     assert not full.reshape(2, st, 32)[:, :, n_kv:].any()
@@ -101,7 +102,7 @@ def test_span_mask_and_kv_equal_the_full_ones_cut_to_the_span(kw):
             continue
         # When mask and K are taken over the span
         mask = np.asarray(jkv.kq_mask(cache, ub, slot, cfg, span))
-        k_span, _ = jkv.read_kv(cache, 0, span)
+        k_span, _ = jkv.read_kv(cache, 0, cfg, span)
         # Then they are the full ones cut to the span, stream by stream
         np.testing.assert_array_equal(
             mask, full.reshape(2, st, 32)[:, :, :span].reshape(2, st * span)
@@ -121,13 +122,13 @@ def test_freed_cells_are_reused_so_the_used_span_stays_put():
     cfg = jh.KVConfig(kv_size=64, n_seq_max=3, head_dim_k=2)
     cache = jkv.init_kv_cache(cfg)
     cache, _, _ = _place(cache, cfg, list(range(16)), [0] * 8 + [1] * 8, list(range(8)) * 2)
-    assert int(jkv.used_span(cache)) == 16
+    assert int(jkv.used_span(cache, cfg)) == 16
     # When sequence 0 leaves and a new sequence places 8 tokens
     cache, _ = jkv.seq_rm(cache, 0, -1, -1, cfg)
     cache, _, slot = _place(cache, cfg, list(range(8)), [2] * 8, list(range(8)))
     # Then it takes the freed cells (§4.1 lowers the head) and the used span does not grow
     assert np.asarray(slot.cell).tolist() == list(range(8))
-    assert int(jkv.used_span(cache)) == 16
+    assert int(jkv.used_span(cache, cfg)) == 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def _run(model, *, unified, used_span, n_ubatch=4):
         out = np.asarray(out)
         logits.append(out)
         nxt = [int(out[0].argmax()), int(out[1].argmax())]
-        n_kv = int(jkv.used_span(mem.kv))
+        n_kv = int(jkv.used_span(mem.kv, cfg.kv))
         spans.append(int(jkv.span_index(n_kv, jkv.n_kv_spans(KV_SIZE, MIN_SPAN))))
     return logits, spans, dec
 

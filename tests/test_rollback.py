@@ -234,11 +234,11 @@ def test_write_states_requires_per_token_states_with_snapshots():
     mem = jh.init_hybrid(cfg)
     batch = jh.make_batch([1, 2], seq_ids=[0, 0], pos=[0, 1], n_batch=4)
     plan, _ = jh.init_batch(mem, batch, cfg, n_ubatch=4)
-    mem, ub, place = jh.apply_ubatch(mem, batch, plan, 0, cfg, n_ubatch=4)
+    mem, ub, place = jh.apply(mem, batch, plan, 0, cfg, n_ubatch=4)
     r = jnp.zeros((4, *cfg.recurrent.r_shape))
     s = jnp.zeros((4, *cfg.recurrent.s_shape))
     with pytest.raises(ValueError, match="per-token"):
-        jh.write_states(mem, cfg, 0, place, r, s, ub.n_seqs)
+        jh.write_states(mem, 0, place, r, s, ub.n_seqs, cfg)
 
 
 def test_saved_sequence_keeps_its_snapshots_when_asked():

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from jaxhybrid._typing import Array, Bool, Float, Int
+from jaxhybrid.array_typing import Array, Bool, Float, Int
 
 __all__ = ["DenseMemory", "init_dense_memory"]
 

@@ -27,13 +27,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxhybrid import _hybrid as hy
-from jaxhybrid import _kv_cache as kvc
-from jaxhybrid._config import KVConfig, RecurrentConfig
-from jaxhybrid._typing import Array, Int, Scalar
+import jaxhybrid as jh
+from jaxhybrid.array_typing import Array, Int, Scalar
+from jaxhybrid.models._sharding import jamba_param_specs
 from jaxhybrid.models.jamba import JambaConfig, forward
 
-__all__ = ["HybridModelMemory", "jamba_hybrid_config", "jamba_step_fn"]
+__all__ = ["HybridModelMemory", "JambaModel", "jamba_hybrid_config", "jamba_step_fn"]
 
 
 class _MambaStates:
@@ -42,18 +41,18 @@ class _MambaStates:
 
     def ssm_states(self, mamba_layer: int):
         layer = self.cfg.recurrent_layers[mamba_layer]
-        return hy.read_states(self.mem, self.cfg, layer, self.place)
+        return jh.read_states(self.mem, layer, self.place, self.cfg)
 
     def set_ssm_states(self, mamba_layer: int, conv, ssm, *, conv_tok=None, ssm_tok=None):
         layer = self.cfg.recurrent_layers[mamba_layer]
-        mem = hy.write_states(
+        mem = jh.write_states(
             self.mem,
-            self.cfg,
             layer,
             self.place,
             conv,
             ssm,
             self.n_seqs,
+            self.cfg,
             r_tok=conv_tok,
             s_tok=ssm_tok,
         )
@@ -66,16 +65,16 @@ class HybridModelMemory(_MambaStates):
     """The hybrid memory bound to one placed ubatch (the :class:`ModelMemory` protocol).
 
     Attributes:
-        mem: the hybrid memory, already holding the ubatch's placement (``apply_ubatch``).
+        mem: the hybrid memory, already holding the ubatch's placement (``apply``).
         place: the ubatch's placement.
         n_seqs: the ubatch's number of seq sets.
         cfg: the hybrid config (static pytree metadata).
     """
 
-    mem: hy.HybridMemory
-    place: hy.Placement
+    mem: jh.HybridMemory
+    place: jh.Placement
     n_seqs: Scalar
-    cfg: hy.HybridConfig = dataclasses.field(metadata=dict(static=True))
+    cfg: jh.HybridConfig = dataclasses.field(metadata=dict(static=True))
 
     @property
     def seq_set(self) -> Int[Array, " ubatch"]:
@@ -83,8 +82,8 @@ class HybridModelMemory(_MambaStates):
 
     def kv(self, attn_layer: int, k, v):
         layer = self.cfg.attn_layers[attn_layer]
-        mem = hy.write_kv(self.mem, self.cfg, layer, k, v, self.place)
-        k_all, v_all = hy.read_kv(mem, self.cfg, layer)
+        mem = jh.write_kv(self.mem, layer, k, v, self.place, self.cfg)
+        k_all, v_all = jh.read_kv(mem, layer, self.cfg)
         return k_all, v_all, self.place.mask, dataclasses.replace(self, mem=mem)
 
 
@@ -111,12 +110,12 @@ class _SpanModelMemory(_MambaStates):
             axis (static).
     """
 
-    mem: hy.HybridMemory
-    place: hy.Placement
+    mem: jh.HybridMemory
+    place: jh.Placement
     n_seqs: Scalar
     k_rows: tuple
     v_rows: tuple
-    cfg: hy.HybridConfig = dataclasses.field(metadata=dict(static=True))
+    cfg: jh.HybridConfig = dataclasses.field(metadata=dict(static=True))
     n_kv: int = dataclasses.field(metadata=dict(static=True))
     per_token: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
@@ -126,7 +125,7 @@ class _SpanModelMemory(_MambaStates):
 
     def kv(self, attn_layer: int, k, v):
         layer = self.cfg.attn_layers[attn_layer]
-        k_all, v_all = hy.read_kv(self.mem, self.cfg, layer, self.n_kv)
+        k_all, v_all = jh.read_kv(self.mem, layer, self.cfg, self.n_kv)
         k, v = k.astype(k_all.dtype), v.astype(v_all.dtype)
         # Every placed cell lies below n_kv <= span (§2.7), so the rows land inside the span.
         slot = self.place.kv
@@ -154,7 +153,7 @@ def jamba_hybrid_config(
     unified: bool = True,
     dtype=None,
     n_snapshots: int = 0,
-) -> hy.HybridConfig:
+) -> jh.HybridConfig:
     """The hybrid memory layout of a Jamba model.
 
     Mamba layers are recurrent with ``r_shape = (d_conv - 1, d_inner)`` (conv state) and
@@ -171,7 +170,7 @@ def jamba_hybrid_config(
             :class:`~jaxhybrid.RecurrentConfig`; 0 = off).
     """
     dtype = config.jnp_dtype if dtype is None else dtype
-    kv = KVConfig(
+    kv = jh.KVConfig(
         kv_size=kv_size,
         n_seq_max=n_seq_max,
         n_kv_heads=config.num_key_value_heads,
@@ -180,7 +179,7 @@ def jamba_hybrid_config(
         dtype_v=dtype,
         unified=unified,
     )
-    recr = RecurrentConfig(
+    recr = jh.RecurrentConfig(
         n_seq_max=n_seq_max,
         r_shape=(config.mamba_d_conv - 1, config.d_inner),
         s_shape=(config.d_inner, config.mamba_d_state),
@@ -188,11 +187,11 @@ def jamba_hybrid_config(
         dtype_s=jnp.float32,
         n_snapshots=n_snapshots,
     )
-    return hy.HybridConfig.from_layers([t == "mamba" for t in config.layer_types], kv, recr)
+    return jh.HybridConfig.from_layers([t == "mamba" for t in config.layer_types], kv, recr)
 
 
 def jamba_step_fn(
-    graphdef: Any, cfg: hy.HybridConfig, *, used_span: bool = True, min_span: int = 256
+    graphdef: Any, cfg: jh.HybridConfig, *, used_span: bool = True, min_span: int = 256
 ) -> Callable:
     """The ``step_fn(params, ubatch, mem, placement) -> (logits, mem)`` of :func:`jaxhybrid.decode`
     for Jamba.
@@ -212,11 +211,11 @@ def jamba_step_fn(
     non-unified cache does, instead of over every stream's span under a mask: ``n_stream`` times
     fewer scores, for a copy of the span's K/V per token that is no larger than the span itself.
     """
-    spans = kvc.n_kv_spans(cfg.kv.kv_size, min_span) if used_span else ()
+    spans = jh.kv.n_kv_spans(cfg.kv.kv_size, min_span) if used_span else ()
     n_attn = len(cfg.attn_layers)
     n_stream = cfg.kv.n_stream
 
-    def step_fn(params, ub, mem: hy.HybridMemory, place: hy.Placement):
+    def step_fn(params, ub, mem: jh.HybridMemory, place: jh.Placement):
         model = params if graphdef is None else nnx.merge(graphdef, params)
         if not used_span:
             bound = HybridModelMemory(mem=mem, place=place, n_seqs=ub.n_seqs, cfg=cfg)
@@ -228,7 +227,7 @@ def jamba_step_fn(
         def run(span: int, recr):
             # Only the recurrent part and the new K/V rows leave the branch (see
             # _SpanModelMemory); the K/V buffers are read from the enclosing scope.
-            mask = hy.kq_mask(mem, cfg, ub, place, span, own_stream=per_token)
+            mask = jh.kq_mask(mem, ub, place, cfg, span, own_stream=per_token)
             bound = _SpanModelMemory(
                 mem=mem._replace(recurrent=recr),
                 place=place._replace(mask=mask),
@@ -242,11 +241,73 @@ def jamba_step_fn(
             logits, bound = forward(model, ub.token, ub.pos, ub.valid, bound)
             return logits, bound.mem.recurrent, bound.k_rows, bound.v_rows
 
-        logits, recr, k_rows, v_rows = kvc.switch_span(place.n_kv, spans, run, mem.recurrent)
+        logits, recr, k_rows, v_rows = jh.kv.switch_span(place.n_kv, spans, run, mem.recurrent)
         mem = mem._replace(recurrent=recr)
         for i, layer in enumerate(cfg.attn_layers):
             if k_rows[i] is not None:
-                mem = hy.write_kv(mem, cfg, layer, k_rows[i], v_rows[i], place)
+                mem = jh.write_kv(mem, layer, k_rows[i], v_rows[i], place, cfg)
         return logits, mem
 
     return step_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class JambaModel:
+    """Jamba as a :class:`jaxhybrid.HybridModel` plug-in for :mod:`jaxhybrid.serving`.
+
+    Hashable by value (its config and graphdef), so it is a static argument of every jitted
+    serving function: two plug-ins of equal configs share compilations.
+
+    Attributes:
+        config: the model config.
+        graphdef: the model's ``nnx.split`` graph definition when ``params`` is its state; None
+            when ``params`` is the :class:`~jaxhybrid.models.Jamba` module itself (a pytree in
+            Flax >= 0.12).
+        used_span: attend over the used cells only (see :func:`jamba_step_fn`).
+        min_span: the smallest attention span.
+
+    Examples:
+        >>> from jaxhybrid.models import JambaConfig
+        >>> model = JambaModel(JambaConfig(vocab_size=16, hidden_size=8, intermediate_size=8,
+        ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        ...     attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=4))
+        >>> cfg = model.memory_config(kv_size=32, n_seq_max=2)
+        >>> cfg.attn_layers, cfg.recurrent_layers, model.n_vocab
+        ((1,), (0,), 16)
+    """
+
+    config: JambaConfig
+    graphdef: Any = None
+    used_span: bool = True
+    min_span: int = 256
+
+    @property
+    def n_vocab(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def per_token_states(self) -> bool:
+        # The Mamba mixer hands every token's conv and SSM state to ``set_ssm_states``.
+        return True
+
+    @property
+    def rope_fn(self) -> None:
+        # Jamba's attention has no positional encoding: a shift leaves cached K as it is.
+        return None
+
+    def memory_config(
+        self, *, kv_size: int, n_seq_max: int, unified: bool = True, n_snapshots: int = 0
+    ) -> jh.HybridConfig:
+        return jamba_hybrid_config(
+            self.config,
+            kv_size=kv_size,
+            n_seq_max=n_seq_max,
+            unified=unified,
+            n_snapshots=n_snapshots,
+        )
+
+    def step_fn(self, cfg: jh.HybridConfig) -> jh.StepFn:
+        return jamba_step_fn(self.graphdef, cfg, used_span=self.used_span, min_span=self.min_span)
+
+    def param_specs(self, params, mesh):
+        return jamba_param_specs(params, mesh)

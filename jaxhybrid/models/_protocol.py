@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Protocol, Self, runtime_checkable
 
-from jaxhybrid._typing import Array, Bool, Float, Int
+from jaxhybrid.array_typing import Array, Bool, Float, Int
 
 __all__ = ["ModelMemory"]
 

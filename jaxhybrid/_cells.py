@@ -1,0 +1,66 @@
+"""Cell helpers shared by the attention KV cache and the recurrent memory (spec §1, §4, §5).
+
+Both parts keep cell metadata as a record with ``pos`` (-1 = empty cell), ``seq`` (the sequences
+referencing each cell, last axis) and a ``head`` search hint, optionally with per-cell fields to
+reset when a cell empties (the KV ``shift``, the recurrent ``snap`` rows). The helpers here work on
+either layout: the KV cache's ``[streams, cells]`` and the recurrent memory's ``[rs]``.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxhybrid.array_typing import Array, Bool, Scalar, ScalarBool
+
+__all__ = ["I32", "POS_INF", "drop_empty", "i32_scalar", "lower_head", "norm_range", "seq_ok"]
+
+I32 = jnp.int32
+POS_INF = int(np.iinfo(np.int32).max)  # an open range end (p1 < 0) normalises to this (§4)
+
+_Cells = TypeVar("_Cells")
+
+
+def i32_scalar(x) -> Scalar:
+    """``x`` as an int32 scalar (a Python int or a traced scalar); anything else is a ValueError."""
+    x = jnp.asarray(x)
+    if x.shape != ():
+        raise ValueError(f"expected a scalar, got shape {x.shape}")
+    return x.astype(I32)
+
+
+def norm_range(p0, p1) -> tuple[Scalar, Scalar]:
+    """§4: ``p0 < 0 -> 0``, ``p1 < 0 -> +inf``; ranges are half-open."""
+    p0, p1 = i32_scalar(p0), i32_scalar(p1)
+    return jnp.maximum(p0, 0), jnp.where(p1 < 0, POS_INF, p1)
+
+
+def seq_ok(seq: Scalar, n_seq_max: int) -> ScalarBool:
+    """Whether ``seq`` names one sequence, ``[0, n_seq_max)`` (-1 = "all" is the caller's case)."""
+    return (seq >= 0) & (seq < n_seq_max)
+
+
+def lower_head(head: Array, freed: Bool[Array, "... cells"]) -> Array:
+    """The head hint lowered to the first freed cell when that is below it (§4.1, §5.7.1); the
+    cell axis is the last one (one head per stream for the KV cache, one scalar head for the
+    recurrent memory)."""
+    first = jnp.argmax(freed, axis=-1).astype(I32)
+    return jnp.where(jnp.any(freed, axis=-1) & (first < head), first, head)
+
+
+def drop_empty(cells: _Cells) -> tuple[_Cells, Bool[Array, "..."]]:
+    """Cells left without sequences become empty (§1.4.4): ``pos = -1``, and when the record has
+    them ``shift = 0`` and no snapshots (``snap`` rows -1).
+
+    Returns:
+        ``(cells, freed)``: the cells, and which cells held a position and are empty now.
+    """
+    held = jnp.any(cells.seq, axis=-1)
+    changes = {"pos": jnp.where(held, cells.pos, -1)}
+    if "shift" in cells._fields:
+        changes["shift"] = jnp.where(held, cells.shift, 0)
+    if getattr(cells, "snap", None) is not None:
+        changes["snap"] = jnp.where(held[..., None], cells.snap, -1)
+    return cells._replace(**changes), ~held & (cells.pos >= 0)
