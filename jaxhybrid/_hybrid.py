@@ -591,6 +591,34 @@ class DecodeResult(NamedTuple):
     n_outputs: Scalar
 
 
+class _DecodeCarry(NamedTuple):
+    """The carry of the ubatch loop of :func:`decode`."""
+
+    u: Scalar  # the next ubatch
+    mem: HybridMemory
+    outputs: Any  # per batch token, zero until its ubatch ran
+
+
+def _run_plan(step_fn, params, mem, batch, plan, slots, zeros, cfg, n_ubatch):
+    """Applies and runs every ubatch of a successful plan in a ``lax.while_loop``, with the KV
+    slots recorded by the dry run. Returns ``(memory, outputs in batch order)``."""
+    n_batch = batch.capacity
+
+    def body(c: _DecodeCarry) -> _DecodeCarry:
+        ub = get_ubatch(batch, plan, c.u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
+        mem, ub, place = _apply_ubatch(c.mem, ub, jax.tree.map(lambda a: a[c.u], slots), cfg)
+        step_out, mem = step_fn(params, ub, mem, place)
+        rows = jnp.where(ub.output, ub.batch_idx, n_batch)
+        outputs = jax.tree.map(
+            lambda o, s: o.at[rows].set(s.astype(o.dtype), mode="drop"), c.outputs, step_out
+        )
+        return _DecodeCarry(c.u + 1, mem, outputs)
+
+    init = _DecodeCarry(jnp.int32(0), mem, zeros)
+    final = jax.lax.while_loop(lambda c: c.u < plan.n_ubatches, body, init)
+    return final.mem, final.outputs
+
+
 def decode(
     step_fn: StepFn,
     params,
@@ -651,24 +679,7 @@ def decode(
 
     def run(m):
         m, _ = update(m, cfg, rope_fn)
-
-        def cond(carry):
-            u, _, _ = carry
-            return u < plan.n_ubatches
-
-        def body(carry):
-            u, m, outs = carry
-            ub = get_ubatch(batch, plan, u, n_ubatch=n_ubatch, n_seq_max=cfg.n_seq_max)
-            m, ub, place = _apply_ubatch(m, ub, jax.tree.map(lambda a: a[u], slots), cfg)
-            step_out, m = step_fn(params, ub, m, place)
-            rows = jnp.where(ub.output, ub.batch_idx, n_batch)
-            outs = jax.tree.map(
-                lambda o, s: o.at[rows].set(s.astype(o.dtype), mode="drop"), outs, step_out
-            )
-            return u + 1, m, outs
-
-        _, m, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), m, zeros))
-        return m, outs
+        return _run_plan(step_fn, params, m, batch, plan, slots, zeros, cfg, n_ubatch)
 
     new_mem, outputs = jax.lax.cond(ok, run, lambda m: (m, zeros), mem)
     code = jnp.where(
