@@ -73,7 +73,15 @@ from jaxhybrid._state_io import (
     state_read,
     state_write,
 )
-from jaxhybrid._status import JaxHybridError, MemoryStatus, combine_status, is_fail, select_tree
+from jaxhybrid._status import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    JaxHybridError,
+    MemoryStatus,
+    combine_status,
+    is_fail,
+    select_tree,
+)
 
 __version__ = "0.2.0.dev0"
 
@@ -92,6 +100,8 @@ __all__ = [
     "HybridConfig",
     "HybridMemory",
     "HybridModel",
+    "InvalidArgumentError",
+    "InvalidTypeError",
     "JaxHybridError",
     "KVConfig",
     "LayerKind",

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxhybrid._status import JaxHybridError
+from jaxhybrid._status import InvalidArgumentError, JaxHybridError
 from jaxhybrid.array_typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
 __all__ = [
@@ -86,7 +86,7 @@ def _seq_lists(
         seq_lists = [[0]] * n
     else:
         if len(seq_ids) != n:
-            raise ValueError(f"seq_ids has {len(seq_ids)} entries for {n} tokens")
+            raise InvalidArgumentError(f"seq_ids has {len(seq_ids)} entries for {n} tokens")
         seq_lists = [
             [int(s)] if np.ndim(s) == 0 else [int(x) for x in np.asarray(s).reshape(-1)]
             for s in seq_ids
@@ -95,7 +95,9 @@ def _seq_lists(
     if n_seq_id_max is None:
         n_seq_id_max = max(widest, 1)
     if widest > n_seq_id_max:
-        raise ValueError(f"a token has {widest} seq ids, more than n_seq_id_max={n_seq_id_max}")
+        raise InvalidArgumentError(
+            f"a token has {widest} seq ids, more than n_seq_id_max={n_seq_id_max}"
+        )
     return seq_lists, n_seq_id_max
 
 
@@ -117,7 +119,7 @@ def _output_flags(
     if output is not None:
         out_arr = np.asarray(output, bool).reshape(-1)
         if out_arr.shape[0] != n:
-            raise ValueError(f"output has {out_arr.shape[0]} entries for {n} tokens")
+            raise InvalidArgumentError(f"output has {out_arr.shape[0]} entries for {n} tokens")
         return out_arr
     out_arr = np.zeros((n,), bool)
     if output_all:
@@ -180,11 +182,11 @@ def make_batch(
         (3, (4, 2), [False, False, True, False])
     """
     if (tokens is None) == (embd is None):
-        raise ValueError("give exactly one of tokens and embd")
+        raise InvalidArgumentError("give exactly one of tokens and embd")
     if embd is not None:
         embd = np.asarray(embd, np.float32)
         if embd.ndim != 2:
-            raise ValueError(f"embd must be [n_tokens, n_embd], got shape {embd.shape}")
+            raise InvalidArgumentError(f"embd must be [n_tokens, n_embd], got shape {embd.shape}")
         n = embd.shape[0]
         token_arr = np.zeros((n,), np.int64)
     else:
@@ -193,14 +195,14 @@ def make_batch(
     if n_batch is None:
         n_batch = max(n, 1)
     if n_batch < 1:
-        raise ValueError(f"n_batch must be >= 1, got {n_batch}")
+        raise InvalidArgumentError(f"n_batch must be >= 1, got {n_batch}")
 
     seq_lists, n_seq_id_max = _seq_lists(seq_ids, n, n_seq_id_max)
     auto_pos = pos is None
     if pos is not None:
         pos_arr = np.asarray(pos, np.int64).reshape(-1)
         if pos_arr.shape[0] != n:
-            raise ValueError(f"pos has {pos_arr.shape[0]} entries for {n} tokens")
+            raise InvalidArgumentError(f"pos has {pos_arr.shape[0]} entries for {n} tokens")
     else:
         pos_arr = np.zeros((n,), np.int64)
 
@@ -614,7 +616,7 @@ def validate(
     """
     chex_shape = (n_seq_max,)
     if seq_pos_min.shape != chex_shape or seq_pos_max.shape != chex_shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"seq_pos_min/max must have shape {chex_shape}, "
             f"got {seq_pos_min.shape} and {seq_pos_max.shape}"
         )
@@ -960,7 +962,7 @@ def split(
 ) -> UBatchPlan:
     """Dispatches on the static ``kind`` to the simple, equal or seq split."""
     if n_ubatch < 1:
-        raise ValueError(f"n_ubatch must be >= 1, got {n_ubatch}")
+        raise InvalidArgumentError(f"n_ubatch must be >= 1, got {n_ubatch}")
     kind = SplitKind(kind)
     if kind == SplitKind.SIMPLE:
         return split_simple(batch, n_ubatch=n_ubatch, max_ubatches=max_ubatches)

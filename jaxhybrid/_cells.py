@@ -13,6 +13,7 @@ from typing import TypeVar
 import jax.numpy as jnp
 import numpy as np
 
+from jaxhybrid._status import InvalidArgumentError
 from jaxhybrid.array_typing import Array, Bool, Scalar, ScalarBool
 
 __all__ = ["I32", "POS_INF", "drop_empty", "i32_scalar", "lower_head", "norm_range", "seq_ok"]
@@ -27,7 +28,7 @@ def i32_scalar(x) -> Scalar:
     """``x`` as an int32 scalar (a Python int or a traced scalar); anything else is a ValueError."""
     x = jnp.asarray(x)
     if x.shape != ():
-        raise ValueError(f"expected a scalar, got shape {x.shape}")
+        raise InvalidArgumentError(f"expected a scalar, got shape {x.shape}")
     return x.astype(I32)
 
 

@@ -13,6 +13,8 @@ import enum
 import jax.numpy as jnp
 import numpy as np
 
+from jaxhybrid._status import InvalidArgumentError
+
 __all__ = ["KVConfig", "RecurrentConfig", "SWAType"]
 
 _FLOAT_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
@@ -29,19 +31,19 @@ class SWAType(enum.IntEnum):
 
 def _positive_int(name: str, value, *, allow_zero: bool = False) -> None:
     if not isinstance(value, int | np.integer) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be an int, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else ">= 1"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+        raise InvalidArgumentError(f"{name} must be {bound}, got {value}")
 
 
 def _float_dtype(name: str, value) -> np.dtype:
     try:
         dtype = np.dtype(jnp.dtype(value))
     except TypeError as e:
-        raise ValueError(f"{name} must be a floating dtype, got {value!r}") from e
+        raise InvalidArgumentError(f"{name} must be a floating dtype, got {value!r}") from e
     if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype}")
+        raise InvalidArgumentError(f"{name} must be float32, bfloat16 or float16, got {dtype}")
     return dtype
 
 
@@ -93,18 +95,20 @@ class KVConfig:
         try:
             object.__setattr__(self, "swa_type", SWAType(self.swa_type))
         except ValueError as e:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"swa_type must be one of {list(SWAType)}, got {self.swa_type!r}"
             ) from e
         _positive_int("n_swa", self.n_swa, allow_zero=True)
         if self.swa_type != SWAType.NONE and self.n_swa == 0:
-            raise ValueError(f"swa_type={self.swa_type.name} needs n_swa > 0")
+            raise InvalidArgumentError(f"swa_type={self.swa_type.name} needs n_swa > 0")
         _positive_int("n_pad", self.n_pad)
         if self.kv_size % self.n_pad:
-            raise ValueError(f"kv_size={self.kv_size} must be a multiple of n_pad={self.n_pad}")
+            raise InvalidArgumentError(
+                f"kv_size={self.kv_size} must be a multiple of n_pad={self.n_pad}"
+            )
         for name in ("unified", "causal"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise InvalidArgumentError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def n_stream(self) -> int:
@@ -144,7 +148,7 @@ class RecurrentConfig:
         for name in ("r_shape", "s_shape"):
             shape = getattr(self, name)
             if not isinstance(shape, tuple | list):
-                raise ValueError(f"{name} must be a tuple of ints, got {shape!r}")
+                raise InvalidArgumentError(f"{name} must be a tuple of ints, got {shape!r}")
             shape = tuple(shape)
             for d in shape:
                 _positive_int(f"{name} entry", d, allow_zero=True)

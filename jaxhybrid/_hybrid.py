@@ -38,7 +38,7 @@ from jaxhybrid._batch import (
 )
 from jaxhybrid._cells import i32_scalar, seq_ok
 from jaxhybrid._config import KVConfig, RecurrentConfig
-from jaxhybrid._status import JaxHybridError, MemoryStatus, combine_status
+from jaxhybrid._status import InvalidArgumentError, JaxHybridError, MemoryStatus, combine_status
 from jaxhybrid._status import select_tree as _select
 from jaxhybrid.array_typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
@@ -106,14 +106,14 @@ class HybridConfig:
         kinds = tuple(LayerKind(k) for k in self.layer_kinds)
         object.__setattr__(self, "layer_kinds", kinds)
         if self.kv.n_seq_max != self.recurrent.n_seq_max:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"both parts must have the same n_seq_max, got kv={self.kv.n_seq_max} and "
                 f"recurrent={self.recurrent.n_seq_max}"
             )
         n_attn = sum(k == LayerKind.ATTENTION for k in kinds)
         n_recr = sum(k == LayerKind.RECURRENT for k in kinds)
         if self.kv.n_layers != n_attn or self.recurrent.n_layers != n_recr:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"layer_kinds route {n_attn} attention and {n_recr} recurrent layers, but the "
                 f"configs have kv.n_layers={self.kv.n_layers} and "
                 f"recurrent.n_layers={self.recurrent.n_layers} (use HybridConfig.from_layers)"
@@ -152,7 +152,9 @@ class HybridConfig:
         for il in range(len(flags)):
             a, r = bool(f_attn(il)), bool(f_recr(il))
             if a and r:
-                raise ValueError(f"layer {il} is selected by both filter_attn and filter_recr")
+                raise InvalidArgumentError(
+                    f"layer {il} is selected by both filter_attn and filter_recr"
+                )
             kinds.append(LayerKind.ATTENTION if a else LayerKind.RECURRENT if r else LayerKind.NONE)
         n_attn = kinds.count(LayerKind.ATTENTION)
         n_recr = kinds.count(LayerKind.RECURRENT)
@@ -179,7 +181,7 @@ class HybridConfig:
     def sub_index(self, layer: int) -> tuple[LayerKind, int]:
         """``(kind, index inside that part)`` of model layer ``layer`` (-1 for NONE)."""
         if not 0 <= layer < len(self.layer_kinds):
-            raise ValueError(f"layer {layer} out of range [0, {len(self.layer_kinds)})")
+            raise InvalidArgumentError(f"layer {layer} out of range [0, {len(self.layer_kinds)})")
         kind = self.layer_kinds[layer]
         if kind == LayerKind.ATTENTION:
             return kind, self.attn_layers.index(layer)
@@ -477,7 +479,7 @@ def _apply_ubatch(
 def _sub(cfg: HybridConfig, layer: int, kind: LayerKind) -> int:
     got, idx = cfg.sub_index(layer)
     if got != kind:
-        raise ValueError(f"model layer {layer} is served by {got.name}, not {kind.name}")
+        raise InvalidArgumentError(f"model layer {layer} is served by {got.name}, not {kind.name}")
     return idx
 
 

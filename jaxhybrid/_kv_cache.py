@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jaxhybrid._batch import Batch, UBatch, UBatchPlan, get_ubatch
 from jaxhybrid._cells import drop_empty, i32_scalar, lower_head, norm_range, seq_ok
 from jaxhybrid._config import KVConfig, SWAType
-from jaxhybrid._status import MemoryStatus
+from jaxhybrid._status import InvalidArgumentError, MemoryStatus
 from jaxhybrid._status import select_tree as _select
 from jaxhybrid.array_typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
@@ -133,7 +133,7 @@ class KVSlot(NamedTuple):
 def _check_cache(cache: KVCache, cfg: KVConfig) -> None:
     st, c, s = cfg.n_stream, cfg.kv_size, cfg.n_seq_max
     if cache.cells.pos.shape != (st, c) or cache.cells.seq.shape != (st, c, s):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"cache cells have shapes {cache.cells.pos.shape} / {cache.cells.seq.shape}, "
             f"expected {(st, c)} / {(st, c, s)} for {cfg}"
         )
@@ -489,7 +489,7 @@ def write_kv(
     dv = cache.v.shape[-1]
     n_ub = slot.cell.shape[0]
     if k.shape != (n_ub, heads, dk) or v.shape != (n_ub, heads, dv):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"k/v must be {(n_ub, heads, dk)} / {(n_ub, heads, dv)}, got {k.shape} / {v.shape}"
         )
     del n_layers
@@ -533,9 +533,9 @@ def n_kv_spans(kv_size: int, min_span: int = 256) -> tuple[int, ...]:
         ((256, 300), (100,))
     """
     if not isinstance(kv_size, int) or kv_size < 1:
-        raise ValueError(f"kv_size must be an int >= 1, got {kv_size!r}")
+        raise InvalidArgumentError(f"kv_size must be an int >= 1, got {kv_size!r}")
     if not isinstance(min_span, int) or min_span < 1:
-        raise ValueError(f"min_span must be an int >= 1, got {min_span!r}")
+        raise InvalidArgumentError(f"min_span must be an int >= 1, got {min_span!r}")
     spans = []
     span = min_span
     while span < kv_size:
@@ -566,7 +566,9 @@ def _span(cfg_size: int, n_kv: int | None) -> int:
     if n_kv is None:
         return cfg_size
     if not isinstance(n_kv, int) or not 1 <= n_kv <= cfg_size:
-        raise ValueError(f"n_kv must be a static int in [1, {cfg_size}] or None, got {n_kv!r}")
+        raise InvalidArgumentError(
+            f"n_kv must be a static int in [1, {cfg_size}] or None, got {n_kv!r}"
+        )
     return n_kv
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from jaxhybrid._batch import Batch, UBatch, UBatchPlan, get_ubatch
 from jaxhybrid._cells import POS_INF, drop_empty, i32_scalar, lower_head, norm_range, seq_ok
 from jaxhybrid._config import RecurrentConfig
+from jaxhybrid._status import InvalidArgumentError
 from jaxhybrid._status import select_tree as _select
 from jaxhybrid.array_typing import Array, Bool, Int, Scalar, ScalarBool, Shaped
 
@@ -193,13 +194,15 @@ def _check_memory(mem: RecurrentMemory, cfg: RecurrentConfig) -> None:
         found.update(snaps)
         missing = [name for name, a in snaps.items() if a is None]
         if missing:
-            raise ValueError(f"config has n_snapshots={h} but the memory has no {missing}")
+            raise InvalidArgumentError(
+                f"config has n_snapshots={h} but the memory has no {missing}"
+            )
     elif any(a is not None for a in snaps.values()):
-        raise ValueError("the memory holds snapshots but its config has n_snapshots=0")
+        raise InvalidArgumentError("the memory holds snapshots but its config has n_snapshots=0")
     for name, (shape, dtype) in expected.items():
         a = found[name]
         if tuple(a.shape) != shape or np.dtype(a.dtype) != dtype:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"recurrent memory field {name} must be {dtype}{list(shape)} for this config, "
                 f"got {np.dtype(a.dtype)}{list(a.shape)}"
             )
@@ -236,7 +239,7 @@ def _sets(ubatch: UBatch, cfg: RecurrentConfig) -> _Sets:
     rs, n_seq = cfg.rs_size, cfg.n_seq_max
     n_ub = ubatch.valid.shape[0]
     if ubatch.seq.shape[1] != n_seq:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"ubatch.seq has {ubatch.seq.shape[1]} sequence columns, the memory {n_seq}"
         )
     n_tok = ubatch.n_seq_tokens.astype(_I32)
@@ -490,7 +493,7 @@ def prepare(
 def _layer_plane(buf: Array, layer, n_layers: int) -> Array:
     if isinstance(layer, int | np.integer):
         if not 0 <= layer < n_layers:
-            raise ValueError(f"layer must be in [0, {n_layers}), got {layer}")
+            raise InvalidArgumentError(f"layer must be in [0, {n_layers}), got {layer}")
         return buf[layer]
     return jax.lax.dynamic_index_in_dim(buf, jnp.asarray(layer, _I32), 0, keepdims=False)
 
@@ -560,9 +563,11 @@ def write_states(
     n_ub = slot.dst.shape[0]
     for name, x, buf in (("r", r, mem.r), ("s", s, mem.s)):
         if tuple(x.shape) != (n_ub, *buf.shape[2:]):
-            raise ValueError(f"{name} must have shape {[n_ub, *buf.shape[2:]]}, got {x.shape}")
+            raise InvalidArgumentError(
+                f"{name} must have shape {[n_ub, *buf.shape[2:]]}, got {x.shape}"
+            )
     if isinstance(layer, int | np.integer) and not 0 <= layer < n_layers:
-        raise ValueError(f"layer must be in [0, {n_layers}), got {layer}")
+        raise InvalidArgumentError(f"layer must be in [0, {n_layers}), got {layer}")
     k = jnp.arange(n_ub, dtype=_I32)
     write = slot.ok & (k < jnp.asarray(n_seqs, _I32)) & (slot.dst >= 0)
     dst = jnp.where(write, slot.dst, rs)
@@ -570,13 +575,15 @@ def write_states(
     snaps = {}
     if mem.snap_r is not None:
         if r_tok is None or s_tok is None or slot.snap_from is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "this memory keeps rollback snapshots (n_snapshots > 0): pass the per-token "
                 "states r_tok / s_tok, and a slot from find_slot on this memory"
             )
         for name, x, buf in (("r_tok", r_tok, mem.r), ("s_tok", s_tok, mem.s)):
             if tuple(x.shape) != (n_ub, *buf.shape[2:]):
-                raise ValueError(f"{name} must have shape {[n_ub, *buf.shape[2:]]}, got {x.shape}")
+                raise InvalidArgumentError(
+                    f"{name} must have shape {[n_ub, *buf.shape[2:]]}, got {x.shape}"
+                )
         # Before the live states are overwritten: a slot may take the source's live state.
         snaps = dict(
             snap_r=_write_snapshots(mem.snap_r, mem.r, r_tok, layer, slot, dst),

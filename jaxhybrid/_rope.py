@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
+from jaxhybrid._status import InvalidArgumentError
 from jaxhybrid.array_typing import Array, Float, Shaped
 
 __all__ = ["rope", "rope_shift_fn"]
@@ -44,9 +45,9 @@ def rope(
     """
     d = x.shape[-1]
     if d % 2:
-        raise ValueError(f"rope needs an even head_dim, got {d}")
+        raise InvalidArgumentError(f"rope needs an even head_dim, got {d}")
     if pos.shape != x.shape[:-2]:
-        raise ValueError(f"pos must have shape {x.shape[:-2]}, got {pos.shape}")
+        raise InvalidArgumentError(f"pos must have shape {x.shape[:-2]}, got {pos.shape}")
     half = d // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / d)
     angle = pos.astype(jnp.float32)[..., None, None] * inv_freq.reshape((1,) * pos.ndim + (1, half))

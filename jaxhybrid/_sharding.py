@@ -40,6 +40,7 @@ from jaxhybrid import _kv_cache as kvc
 from jaxhybrid import _recurrent as rec
 from jaxhybrid._config import KVConfig, RecurrentConfig
 from jaxhybrid._hybrid import HybridConfig, HybridMemory, init_hybrid
+from jaxhybrid._status import InvalidArgumentError
 
 __all__ = [
     "constrain_memory",
@@ -58,7 +59,7 @@ def _axis_size(mesh: Mesh, axis: str | None) -> int:
     if axis is None:
         return 1
     if axis not in mesh.shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"mesh has axes {tuple(mesh.axis_names)}, not {axis!r} (pass None to leave it unused)"
         )
     return int(mesh.shape[axis])
@@ -69,7 +70,9 @@ def _divides(axis: str | None, size: int, what: str, n: int) -> str | None:
     if axis is None:
         return None
     if size % n:
-        raise ValueError(f"{what} = {size} is not divisible by the size {n} of mesh axis {axis!r}")
+        raise InvalidArgumentError(
+            f"{what} = {size} is not divisible by the size {n} of mesh axis {axis!r}"
+        )
     return axis
 
 
@@ -96,7 +99,7 @@ def kv_partition_specs(
         elif cfg.head_dim_k % n_model == 0 and cfg.head_dim_v % n_model == 0:
             hd = model_axis
         else:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"neither n_kv_heads = {cfg.n_kv_heads} nor the head dims (k {cfg.head_dim_k}, "
                 f"v {cfg.head_dim_v}) are divisible by the size {n_model} of mesh axis "
                 f"{model_axis!r}"
@@ -123,7 +126,7 @@ def _channel_dims(shape: tuple[int, ...], axis: int, model_axis, n_model: int, w
     if model_axis is None or not shape:
         return dims
     if not -len(shape) <= axis < len(shape):
-        raise ValueError(f"{what} channel axis {axis} is out of range for shape {shape}")
+        raise InvalidArgumentError(f"{what} channel axis {axis} is out of range for shape {shape}")
     axis %= len(shape)
     dims[axis] = _divides(model_axis, shape[axis], f"{what}[{axis}]", n_model)
     return dims

@@ -46,7 +46,7 @@ from jaxhybrid._config import KVConfig, RecurrentConfig
 from jaxhybrid._hybrid import HybridConfig, HybridMemory
 from jaxhybrid._kv_cache import KVCache, KVCells
 from jaxhybrid._recurrent import RecurrentCells, RecurrentMemory
-from jaxhybrid._status import JaxHybridError
+from jaxhybrid._status import InvalidArgumentError, InvalidTypeError, JaxHybridError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -260,9 +260,11 @@ def _kind(mem: Memory, cfg: Config) -> int:
     ):
         if isinstance(mem, mem_t):
             if not isinstance(cfg, cfg_t):
-                raise TypeError(f"a {mem_t.__name__} needs a {cfg_t.__name__}, got {type(cfg)}")
+                raise InvalidTypeError(
+                    f"a {mem_t.__name__} needs a {cfg_t.__name__}, got {type(cfg)}"
+                )
             return kind
-    raise TypeError(f"expected a KVCache, RecurrentMemory or HybridMemory, got {type(mem)}")
+    raise InvalidTypeError(f"expected a KVCache, RecurrentMemory or HybridMemory, got {type(mem)}")
 
 
 def _parts(mem: Memory, cfg: Config, flags: StateFlags):
@@ -277,9 +279,9 @@ def _parts(mem: Memory, cfg: Config, flags: StateFlags):
 
 def _check_seq(seq_id: int, n_seq_max: int) -> int:
     if isinstance(seq_id, bool) or not isinstance(seq_id, int | np.integer):
-        raise ValueError(f"seq_id must be an int, got {seq_id!r}")
+        raise InvalidArgumentError(f"seq_id must be an int, got {seq_id!r}")
     if not -1 <= seq_id < n_seq_max:
-        raise ValueError(f"seq_id must be -1 (all) or in [0, {n_seq_max}), got {seq_id}")
+        raise InvalidArgumentError(f"seq_id must be -1 (all) or in [0, {n_seq_max}), got {seq_id}")
     return int(seq_id)
 
 
@@ -337,7 +339,7 @@ def _write_kv(w: _Writer, cache: KVCache, cfg: KVConfig, seq_id: int) -> None:
     if seq_id >= 0:
         sel &= seqs[:, :, seq_id]
     if np.any(shift[sel] != 0):
-        raise ValueError(
+        raise InvalidArgumentError(
             "the KV cache has pending K-shifts (§2.12): apply them with update() before saving, "
             "the record stores K as rotated for the cells' positions"
         )
@@ -424,7 +426,7 @@ def state_write(
     seq_id = _check_seq(seq_id, _n_seq_max(cfg))
     kv, recr = _parts(mem, cfg, flags)
     if flags & StateFlags.SNAPSHOTS and recr is not None and not recr[1].n_snapshots:
-        raise ValueError("flags has SNAPSHOTS but this memory keeps none (n_snapshots=0)")
+        raise InvalidArgumentError("flags has SNAPSHOTS but this memory keeps none (n_snapshots=0)")
     desc = json.dumps(_desc(cfg), sort_keys=True).encode()
     w = _Writer()
     w.raw(MAGIC)
@@ -998,7 +1000,7 @@ def save_state_file(
     session files do) and the state blob to ``path``, atomically. Returns the bytes written."""
     toks = np.asarray(tokens, np.int64)
     if toks.ndim != 1 or np.any((toks < np.iinfo(np.int32).min) | (toks > np.iinfo(np.int32).max)):
-        raise ValueError("tokens must be a 1-D sequence of int32 values")
+        raise InvalidArgumentError("tokens must be a 1-D sequence of int32 values")
     blob = state_write(mem, cfg, seq_id, flags=flags)
     head = FILE_MAGIC + struct.pack("<II", FORMAT_VERSION, len(toks))
     tmp = f"{os.fspath(path)}.tmp"

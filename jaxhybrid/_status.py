@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "InvalidArgumentError",
+    "InvalidTypeError",
     "JaxHybridError",
     "MemoryStatus",
     "combine_status",
@@ -59,6 +61,17 @@ class JaxHybridError(RuntimeError):
     also derive from a more precise builtin (``BatchError`` is a ``ValueError``). Each message
     names what was wrong.
     """
+
+
+class InvalidArgumentError(JaxHybridError, ValueError):
+    """An argument a function cannot take, refused before any device work: a config, shape,
+    size or value that does not fit (the message names the argument, the value and the limit).
+    A ``ValueError`` too."""
+
+
+class InvalidTypeError(JaxHybridError, TypeError):
+    """An argument of the wrong type, refused before any device work (never converted). A
+    ``TypeError`` too."""
 
 
 def select_tree(ok, new, old):

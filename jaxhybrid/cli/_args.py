@@ -6,11 +6,14 @@ import argparse
 import math
 import os
 
+import jaxhybrid as jh
+
 __all__ = ["DemoInputError", "build_parser", "check_plot_path", "check_sizes"]
 
 
-class DemoInputError(ValueError):
-    """Bad flags, an unusable checkpoint directory or sizes the session cannot run with."""
+class DemoInputError(jh.InvalidArgumentError):
+    """Bad flags, an unusable checkpoint directory or sizes the session cannot run with (a
+    ``ValueError`` too)."""
 
 
 def _parsed(convert, ok, expected: str):

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+import jaxhybrid as jh
 from jaxhybrid.array_typing import Array, Bool, Float, Int
 
 __all__ = ["DenseMemory", "init_dense_memory"]
@@ -62,7 +63,7 @@ class DenseMemory(NamedTuple):
         padding). Positions ``>= n_ctx`` and ids ``>= n_seq_max`` are dropped (not checked)."""
         n_ubatch = self.tok_seq.shape[0]
         if seq_id.shape != (n_ubatch,) or pos.shape != (n_ubatch,):
-            raise ValueError(
+            raise jh.InvalidArgumentError(
                 f"seq_id and pos must have shape ({n_ubatch},), got {seq_id.shape}, {pos.shape}"
             )
         seq_id = jnp.asarray(seq_id, jnp.int32)
@@ -146,7 +147,7 @@ def init_dense_memory(
     """
     for name, value in (("n_seq_max", n_seq_max), ("n_ctx", n_ctx), ("n_ubatch", n_ubatch)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            raise jh.InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
     dtype = config.jnp_dtype if dtype is None else dtype
     n_attn, n_mamba = len(config.attention_layers), len(config.mamba_layers)
     kv_shape = (n_attn, n_seq_max, n_ctx, config.num_key_value_heads, config.head_dim)

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+import jaxhybrid as jh
 from jaxhybrid.models.jamba import Jamba, JambaConfig
 
 __all__ = ["hf_tensor_shapes", "load_jamba"]
@@ -105,7 +106,7 @@ def _checkpoint_files(path: str) -> list[str]:
         return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise ValueError(f"no *.safetensors file in {path}")
+        raise jh.InvalidArgumentError(f"no *.safetensors file in {path}")
     return files
 
 
@@ -157,7 +158,7 @@ def load_jamba(path: str | os.PathLike, dtype: str = "float32") -> tuple[JambaCo
         if name not in where:
             problems.append(f"missing tensor '{name}' (expected shape {slot.shape})")
     if problems:
-        raise ValueError(
+        raise jh.InvalidArgumentError(
             f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems)
         )
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jaxhybrid as jh
 from jaxhybrid.array_typing import Array, Bool, Float, Int
 
 __all__ = [
@@ -146,7 +147,9 @@ def selective_scan(
         empty sets).
     """
     if method not in ("auto", "sequential", "parallel"):
-        raise ValueError(f"method must be 'auto', 'sequential' or 'parallel', got {method!r}")
+        raise jh.InvalidArgumentError(
+            f"method must be 'auto', 'sequential' or 'parallel', got {method!r}"
+        )
     t = jnp.arange(decay.shape[0], dtype=jnp.int32)
     start = spans.valid & (t == spans.first[spans.set_idx])
     h0 = ssm0[spans.set_idx]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import jaxhybrid as jh
 from jaxhybrid.models.jamba import Jamba
 
 __all__ = ["jamba_param_sharding", "jamba_param_specs", "shard_jamba"]
@@ -81,7 +82,7 @@ def _spec(path, leaf, model_axis: str | None, n_model: int) -> PartitionSpec:
         return _P()
     dim %= len(shape)
     if shape[dim] % n_model:
-        raise ValueError(
+        raise jh.InvalidArgumentError(
             f"parameter {'.'.join(names)} of shape {tuple(shape)}: dimension {dim} "
             f"({shape[dim]}) is not divisible by the size {n_model} of mesh axis {model_axis!r}"
         )
@@ -99,7 +100,7 @@ def jamba_param_specs(model: Jamba, mesh: Mesh, *, model_axis: str | None = "mod
             divisible by it (the message names the parameter).
     """
     if model_axis is not None and model_axis not in mesh.shape:
-        raise ValueError(
+        raise jh.InvalidArgumentError(
             f"mesh has axes {tuple(mesh.axis_names)}, not {model_axis!r} (pass None to replicate)"
         )
     n_model = 1 if model_axis is None else int(mesh.shape[model_axis])

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jaxhybrid as jh
 from jaxhybrid.array_typing import Array, Bool, Float, Int
 from jaxhybrid.models._mamba import Linear, MambaMixer, ParamInit, RMSNorm
 from jaxhybrid.models._protocol import ModelMemory
@@ -42,7 +43,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def _check_int(name: str, value, minimum: int) -> None:
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"JambaConfig.{name} must be an int >= {minimum}, got {value!r}")
+        raise jh.InvalidArgumentError(
+            f"JambaConfig.{name} must be an int >= {minimum}, got {value!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,27 +115,27 @@ class JambaConfig:
         _check_int("attn_layer_offset", self.attn_layer_offset, 0)
         _check_int("expert_layer_offset", self.expert_layer_offset, 0)
         if self.attn_layer_offset >= self.attn_layer_period:
-            raise ValueError(
+            raise jh.InvalidArgumentError(
                 f"attn_layer_offset ({self.attn_layer_offset}) must be < attn_layer_period "
                 f"({self.attn_layer_period})"
             )
         if self.expert_layer_offset >= self.expert_layer_period:
-            raise ValueError(
+            raise jh.InvalidArgumentError(
                 f"expert_layer_offset ({self.expert_layer_offset}) must be < expert_layer_period "
                 f"({self.expert_layer_period})"
             )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise jh.InvalidArgumentError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.num_experts > 1 and self.num_experts_per_tok > self.num_experts:
-            raise ValueError(
+            raise jh.InvalidArgumentError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_experts "
                 f"({self.num_experts})"
             )
         if self.dtype not in _DTYPES:
-            raise ValueError(
+            raise jh.InvalidArgumentError(
                 f"JambaConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
             )
 
@@ -151,10 +154,12 @@ class JambaConfig:
                 config = json.load(f)
         act = config.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"only hidden_act='silu' is supported, got {act!r}")
+            raise jh.InvalidArgumentError(f"only hidden_act='silu' is supported, got {act!r}")
         model_type = config.get("model_type", "jamba")
         if model_type != "jamba":
-            raise ValueError(f"expected a config with model_type 'jamba', got {model_type!r}")
+            raise jh.InvalidArgumentError(
+                f"expected a config with model_type 'jamba', got {model_type!r}"
+            )
         names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
         kwargs = {k: config[k] for k in names if config.get(k) is not None}
         if "num_experts" not in kwargs and config.get("num_local_experts") is not None:
@@ -376,7 +381,7 @@ def forward(
         (4, 16)
     """
     if tokens.ndim != 1 or tokens.shape != pos.shape or tokens.shape != valid.shape:
-        raise ValueError(
+        raise jh.InvalidArgumentError(
             f"tokens, pos and valid must be 1-D of one length, got {tokens.shape}, {pos.shape}, "
             f"{valid.shape}"
         )

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+import jaxhybrid as jh
 from jaxhybrid import Batch
 from jaxhybrid.array_typing import Array, Bool, Int
 
@@ -68,7 +69,9 @@ def as_prompts(prompts: Sequence[Sequence[int]], n_prompt: int | None):
     lens = [len(p) for p in prompts]
     width = max([1, *lens]) if n_prompt is None else n_prompt
     if max(lens, default=0) > width:
-        raise ValueError(f"a prompt has {max(lens)} tokens, more than n_prompt={width}")
+        raise jh.InvalidArgumentError(
+            f"a prompt has {max(lens)} tokens, more than n_prompt={width}"
+        )
     arr = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
         arr[i, : len(p)] = p
@@ -81,7 +84,9 @@ def stop_array(stop_tokens, n_seq: int, n_stop: int | None = None) -> np.ndarray
     if len(stop_tokens) and not np.isscalar(stop_tokens[0]):
         per = [list(s) for s in stop_tokens]
         if len(per) != n_seq:
-            raise ValueError(f"stop_tokens has {len(per)} entries for {n_seq} sequences")
+            raise jh.InvalidArgumentError(
+                f"stop_tokens has {len(per)} entries for {n_seq} sequences"
+            )
     else:
         per = [list(stop_tokens)] * n_seq
     width = max([1, *(len(s) for s in per)]) if n_stop is None else n_stop

@@ -172,10 +172,14 @@ class Engine:
         n_keep: int = 0,
     ):
         if not isinstance(model, jh.HybridModel):
-            raise TypeError(f"model must implement jaxhybrid.HybridModel, got {type(model)}")
+            raise jh.InvalidTypeError(
+                f"model must implement jaxhybrid.HybridModel, got {type(model)}"
+            )
         if n_ctx_seq is not None and not 0 <= n_keep <= n_ctx_seq - 2:
             # A shift must drop at least one position: n_past - n_keep >= 2 (§4.1, §4.4).
-            raise ValueError(f"n_keep must be in [0, n_ctx_seq - 2], got {n_keep} ({n_ctx_seq=})")
+            raise jh.InvalidArgumentError(
+                f"n_keep must be in [0, n_ctx_seq - 2], got {n_keep} ({n_ctx_seq=})"
+            )
         self.model, self.params, self.cfg = model, params, cfg
         self.n_ubatch, self.n_prompt, self.n_stop = n_ubatch, n_prompt, n_stop
         self.n_ctx_seq, self.n_keep = n_ctx_seq, n_keep
@@ -208,9 +212,11 @@ class Engine:
     def _check_settings(self, max_new_tokens, stop_tokens) -> None:
         """Refuses settings the engine cannot hold, before any device work."""
         if len(stop_tokens) > self.n_stop:
-            raise ValueError(f"{len(stop_tokens)} stop tokens, more than n_stop={self.n_stop}")
+            raise jh.InvalidArgumentError(
+                f"{len(stop_tokens)} stop tokens, more than n_stop={self.n_stop}"
+            )
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise jh.InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
     def _new(self, seq, prompt, max_new_tokens, stop_tokens, temperature, top_k, top_p, seed):
         rid = next(self._ids)
@@ -244,9 +250,9 @@ class Engine:
     ) -> int:
         """Starts a request in a free sequence id and decodes its prompt; returns its id."""
         if len(prompt) < 1:
-            raise ValueError("the prompt must have at least one token")
+            raise jh.InvalidArgumentError("the prompt must have at least one token")
         if self.n_ctx_seq is not None and len(prompt) >= self.n_ctx_seq:
-            raise ValueError(
+            raise jh.InvalidArgumentError(
                 f"a prompt of {len(prompt)} tokens leaves no room to generate in a context of "
                 f"n_ctx_seq={self.n_ctx_seq} positions"
             )
@@ -295,7 +301,7 @@ class Engine:
         given are the parent's (``seed`` defaults to the new request id)."""
         parent = self.requests[request_id]
         if parent.seq < 0:
-            raise ValueError(f"request {request_id} is not running")
+            raise jh.InvalidArgumentError(f"request {request_id} is not running")
 
         def pick(x, default):
             return default if x is None else x
@@ -411,11 +417,11 @@ class Engine:
         """
         req = self.requests[request_id]
         if req.seq < 0:
-            raise ValueError(f"request {request_id} is not running")
+            raise jh.InvalidArgumentError(f"request {request_id} is not running")
         n_left = req.n_past - self.n_keep
         n_discard = n_left // 2 if n_discard is None else int(n_discard)
         if not 1 <= n_discard < n_left:
-            raise ValueError(
+            raise jh.InvalidArgumentError(
                 f"cannot drop {n_discard} of the {n_left} positions after n_keep={self.n_keep} "
                 f"(request {request_id} holds {req.n_past})"
             )
@@ -442,7 +448,7 @@ class Engine:
         its tokens and settings, and the logits of its next token. The request keeps running."""
         req = self.requests[request_id]
         if req.seq < 0:
-            raise ValueError(f"request {request_id} is not running")
+            raise jh.InvalidArgumentError(f"request {request_id} is not running")
         data = jh.state_write(self.mem, self.cfg, req.seq, flags=flags)
         copy = dataclasses.replace(req, prompt=list(req.prompt), tokens=list(req.tokens))
         return SavedRequest(bytes(data), copy, np.asarray(self._logits[req.seq]))
@@ -461,7 +467,7 @@ class Engine:
         if seq is None:
             seq = self._free_seq()
         elif not 0 <= seq < n or self._by_seq[seq] is not None:
-            raise ValueError(f"sequence id {seq} is not a free id in [0, {n})")
+            raise jh.InvalidArgumentError(f"sequence id {seq} is not a free id in [0, {n})")
         mem, status = jh.state_read(self.mem, self.cfg, saved.data, seq, flags=flags)
         if not status.ok:
             raise jh.StateError(f"restore into sequence {seq} failed: {status.message}")

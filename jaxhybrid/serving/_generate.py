@@ -268,7 +268,7 @@ def generate(
     mnt = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (n,))
     cap = int(max(1, mnt.max(initial=0))) if max_new is None else max_new
     if mnt.max(initial=0) > cap:
-        raise ValueError(f"max_new_tokens {int(mnt.max())} exceeds max_new={cap}")
+        raise jh.InvalidArgumentError(f"max_new_tokens {int(mnt.max())} exceeds max_new={cap}")
     return _generate(
         model,
         params,

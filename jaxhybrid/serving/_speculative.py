@@ -273,24 +273,30 @@ def speculative_generate(
     """
     for name, model in (("target", target), ("draft", draft)):
         if not isinstance(model, jh.HybridModel):
-            raise TypeError(f"{name} must implement jaxhybrid.HybridModel, got {type(model)}")
+            raise jh.InvalidTypeError(
+                f"{name} must implement jaxhybrid.HybridModel, got {type(model)}"
+            )
         if not model.per_token_states:
-            raise ValueError(
+            raise jh.InvalidArgumentError(
                 f"the {name} model's step does not write per-token recurrent states, so its "
                 "memory cannot roll back rejected drafts"
             )
     if target.n_vocab != draft.n_vocab:
-        raise ValueError(f"vocabularies differ: target {target.n_vocab}, draft {draft.n_vocab}")
+        raise jh.InvalidArgumentError(
+            f"vocabularies differ: target {target.n_vocab}, draft {draft.n_vocab}"
+        )
     for name, cfg in (("target_cfg", target_cfg), ("draft_cfg", draft_cfg)):
         if cfg.recurrent.n_snapshots < k:
-            raise ValueError(
+            raise jh.InvalidArgumentError(
                 f"{name}.recurrent.n_snapshots={cfg.recurrent.n_snapshots} cannot roll back the "
                 f"{k} draft tokens of a round: build it with n_snapshots >= {k}"
             )
     if k < 1 or max_new_tokens < 1:
-        raise ValueError(f"k and max_new_tokens must be >= 1, got {k} and {max_new_tokens}")
+        raise jh.InvalidArgumentError(
+            f"k and max_new_tokens must be >= 1, got {k} and {max_new_tokens}"
+        )
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise jh.InvalidArgumentError("every prompt needs at least one token")
     toks, lens = as_prompts(prompts, n_prompt)
     return _speculate(
         target_params,
