@@ -168,5 +168,22 @@ def prefill_plan(prompts, chunks, n_ubatch):
     return plan
 
 
+def dense_greedy(config, model, prompt, n_new):
+    """Greedy tokens through DenseMemory, one token per step (a reference that uses neither the
+    hybrid memory nor the serving layer)."""
+    mem = new_memory(config, n_seq_max=1, n_ctx=32, n_ubatch=16)
+    toks = list(prompt)
+    out, mem = run_ubatches(
+        model, mem, [(np.array(toks), np.zeros(len(toks)), np.arange(len(toks)))]
+    )
+    new = []
+    for _ in range(n_new):
+        t = int(np.argmax(out[(0, len(toks) - 1)]))
+        new.append(t)
+        toks.append(t)
+        out, mem = run_ubatches(model, mem, [(np.array([t]), np.array([0]), [len(toks) - 1])])
+    return new
+
+
 def new_memory(config, *, n_seq_max=4, n_ctx=160, n_ubatch=16):
     return init_dense_memory(config, n_seq_max=n_seq_max, n_ctx=n_ctx, n_ubatch=n_ubatch)

@@ -56,22 +56,6 @@ def _gen(setup, prompts, **kw):
     return np.asarray(out.tokens), np.asarray(out.lengths)
 
 
-def _dense_greedy(config, model, prompt, n_new):
-    """Greedy tokens through DenseMemory, one token per step."""
-    mem = ju.new_memory(config, n_seq_max=1, n_ctx=32, n_ubatch=16)
-    toks = list(prompt)
-    out, mem = ju.run_ubatches(
-        model, mem, [(np.array(toks), np.zeros(len(toks)), np.arange(len(toks)))]
-    )
-    new = []
-    for _ in range(n_new):
-        t = int(np.argmax(out[(0, len(toks) - 1)]))
-        new.append(t)
-        toks.append(t)
-        out, mem = ju.run_ubatches(model, mem, [(np.array([t]), np.array([0]), [len(toks) - 1])])
-    return new
-
-
 # --------------------------------------------------------------------------------------------
 # The adapter
 
@@ -140,7 +124,7 @@ def test_greedy_generate_equals_dense_and_stepwise_decoding(setup):
     assert (got[2:] == -1).all()
     # Then it equals greedy decoding through DenseMemory
     for s in range(2):
-        assert got[s].tolist() == _dense_greedy(config, model, PROMPTS[s], 8)
+        assert got[s].tolist() == ju.dense_greedy(config, model, PROMPTS[s], 8)
     # And it equals stepping decode_tokens by hand on the hybrid memory
     mem = jh.init_hybrid(cfg)
     toks = np.zeros((2, CAP["n_prompt"]), np.int32)

@@ -46,17 +46,7 @@ def _jamba_case() -> Case:
     params = init_jamba(config, seed=3)
 
     def greedy(prompt, n):
-        mem = ju.new_memory(config, n_seq_max=1, n_ctx=32, n_ubatch=16)
-        toks = list(prompt)
-        out, mem = ju.run_ubatches(
-            params, mem, [(np.array(toks), np.zeros(len(toks)), np.arange(len(toks)))]
-        )
-        new = []
-        for _ in range(n):
-            new.append(int(np.argmax(out[(0, len(toks) - 1)])))
-            toks.append(new[-1])
-            out, mem = ju.run_ubatches(params, mem, [(np.array(new[-1:]), [0], [len(toks) - 1])])
-        return new
+        return ju.dense_greedy(config, params, prompt, n)
 
     return Case("jamba", JambaModel(config), params, greedy)
 
