@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxhybrid._status import InvalidArgumentError, JaxHybridError
+from jaxhybrid._status import InvalidArgumentError, InvalidTypeError, JaxHybridError
 from jaxhybrid.array_typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
 __all__ = [
@@ -88,8 +88,10 @@ def _seq_lists(
         if len(seq_ids) != n:
             raise InvalidArgumentError(f"seq_ids has {len(seq_ids)} entries for {n} tokens")
         seq_lists = [
-            [int(s)] if np.ndim(s) == 0 else [int(x) for x in np.asarray(s).reshape(-1)]
-            for s in seq_ids
+            [_int_value(s, f"seq_ids[{i}]")]
+            if np.ndim(s) == 0
+            else _int_array(s, f"seq_ids[{i}]").tolist()
+            for i, s in enumerate(seq_ids)
         ]
     widest = max((len(s) for s in seq_lists), default=1)
     if n_seq_id_max is None:
@@ -137,11 +139,33 @@ def _pad_to(a: np.ndarray, n_batch: int, fill, dtype) -> np.ndarray:
     return full
 
 
-def _as_i32(a: np.ndarray) -> np.ndarray:
-    # Values outside int32 cannot be represented; clamp to an always-invalid value so that
-    # validation still reports them (token ids and positions are checked for range).
-    lo, hi = np.iinfo(np.int32).min, np.iinfo(np.int32).max
-    return np.clip(a, lo, hi).astype(np.int32)
+_INT32 = np.iinfo(np.int32)
+
+
+def _int_value(v, what: str) -> int:
+    """One integer argument, never converted (§15.6): a bool or a float is refused, and so is an
+    integer outside int32."""
+    if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer):
+        raise InvalidTypeError(f"{what} must be an integer, got {type(v).__name__} {v!r}")
+    if not _INT32.min <= int(v) <= _INT32.max:
+        raise InvalidArgumentError(f"{what} = {int(v)} is outside int32")
+    return int(v)
+
+
+def _int_array(values, what: str) -> np.ndarray:
+    """A flat int32 array of integer values (see :func:`_int_value`); an integer array is
+    checked at once, anything else element by element."""
+    if isinstance(values, np.ndarray | jax.Array):
+        arr = np.asarray(values).reshape(-1)
+        if arr.dtype.kind not in "iu":
+            raise InvalidTypeError(f"{what} must hold integers, got dtype {arr.dtype}")
+        bad = (arr < _INT32.min) | (arr > _INT32.max)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidArgumentError(f"{what}[{i}] = {arr[i]} is outside int32")
+        return arr.astype(np.int32)
+    items = np.asarray(values, dtype=object).reshape(-1)
+    return np.asarray([_int_value(v, f"{what}[{i}]") for i, v in enumerate(items)], np.int32)
 
 
 def make_batch(
@@ -188,9 +212,9 @@ def make_batch(
         if embd.ndim != 2:
             raise InvalidArgumentError(f"embd must be [n_tokens, n_embd], got shape {embd.shape}")
         n = embd.shape[0]
-        token_arr = np.zeros((n,), np.int64)
+        token_arr = np.zeros((n,), np.int32)
     else:
-        token_arr = np.asarray(tokens, np.int64).reshape(-1)
+        token_arr = _int_array(tokens, "tokens")
         n = token_arr.shape[0]
     if n_batch is None:
         n_batch = max(n, 1)
@@ -200,11 +224,11 @@ def make_batch(
     seq_lists, n_seq_id_max = _seq_lists(seq_ids, n, n_seq_id_max)
     auto_pos = pos is None
     if pos is not None:
-        pos_arr = np.asarray(pos, np.int64).reshape(-1)
+        pos_arr = _int_array(pos, "pos")
         if pos_arr.shape[0] != n:
             raise InvalidArgumentError(f"pos has {pos_arr.shape[0]} entries for {n} tokens")
     else:
-        pos_arr = np.zeros((n,), np.int64)
+        pos_arr = np.zeros((n,), np.int32)
 
     out_arr = _output_flags(output, n, output_all)
     seq_arr, n_seq_arr = _seq_id_table(seq_lists, n_seq_id_max)
@@ -213,11 +237,11 @@ def make_batch(
         return _pad_to(a, n_batch, fill, dtype)
 
     return Batch(
-        token=jnp.asarray(pad(_as_i32(token_arr), 0, np.int32)),
+        token=jnp.asarray(pad(token_arr, 0, np.int32)),
         embd=None if embd is None else jnp.asarray(pad(embd, 0.0, np.float32)),
-        pos=jnp.asarray(pad(_as_i32(pos_arr), 0, np.int32)),
-        seq_id=jnp.asarray(pad(_as_i32(seq_arr), -1, np.int32)),
-        n_seq_id=jnp.asarray(pad(_as_i32(n_seq_arr), 0, np.int32)),
+        pos=jnp.asarray(pad(pos_arr, 0, np.int32)),
+        seq_id=jnp.asarray(pad(seq_arr.astype(np.int32), -1, np.int32)),
+        n_seq_id=jnp.asarray(pad(n_seq_arr.astype(np.int32), 0, np.int32)),
         output=jnp.asarray(pad(out_arr, False, bool)),
         auto_pos=jnp.asarray(auto_pos),
         n_tokens=jnp.asarray(n, jnp.int32),

@@ -13,28 +13,47 @@ from typing import TypeVar
 import jax.numpy as jnp
 import numpy as np
 
-from jaxhybrid._status import InvalidArgumentError
+from jaxhybrid._status import InvalidArgumentError, InvalidTypeError
 from jaxhybrid.array_typing import Array, Bool, Scalar, ScalarBool
 
 __all__ = ["I32", "POS_INF", "drop_empty", "i32_scalar", "lower_head", "norm_range", "seq_ok"]
 
 I32 = jnp.int32
 POS_INF = int(np.iinfo(np.int32).max)  # an open range end (p1 < 0) normalises to this (§4)
+INT32_MIN = int(np.iinfo(np.int32).min)
 
 _Cells = TypeVar("_Cells")
 
 
-def i32_scalar(x) -> Scalar:
-    """``x`` as an int32 scalar (a Python int or a traced scalar); anything else is a ValueError."""
+def i32_scalar(x, what: str = "value") -> Scalar:
+    """``x`` as an int32 scalar: a Python or NumPy integer inside int32, or an integer (traced or
+    concrete) scalar array. Nothing is converted silently: a bool, a float or a non-integer array
+    is an :class:`InvalidTypeError`, an integer outside int32 or a non-scalar an
+    :class:`InvalidArgumentError` (§15.6); messages name the argument ``what``."""
+    if isinstance(x, np.ndarray) and x.shape == ():
+        x = x[()]  # a NumPy scalar: its value can be checked
+    if isinstance(x, bool | np.bool_ | float | np.floating | complex):
+        raise InvalidTypeError(f"{what} must be an integer, got {type(x).__name__} {x!r}")
+    if isinstance(x, int | np.integer):
+        if not INT32_MIN <= int(x) <= POS_INF:
+            raise InvalidArgumentError(
+                f"{what} = {int(x)} is outside int32 [{INT32_MIN}, {POS_INF}]"
+            )
+        return jnp.asarray(x, I32)
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise InvalidTypeError(
+            f"{what} must be an integer scalar, got {type(x).__name__} of dtype {dtype}"
+        )
     x = jnp.asarray(x)
     if x.shape != ():
-        raise InvalidArgumentError(f"expected a scalar, got shape {x.shape}")
+        raise InvalidArgumentError(f"{what} must be a scalar, got shape {x.shape}")
     return x.astype(I32)
 
 
 def norm_range(p0, p1) -> tuple[Scalar, Scalar]:
     """§4: ``p0 < 0 -> 0``, ``p1 < 0 -> +inf``; ranges are half-open."""
-    p0, p1 = i32_scalar(p0), i32_scalar(p1)
+    p0, p1 = i32_scalar(p0, "p0"), i32_scalar(p1, "p1")
     return jnp.maximum(p0, 0), jnp.where(p1 < 0, POS_INF, p1)
 
 

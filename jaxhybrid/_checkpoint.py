@@ -50,7 +50,7 @@ def checkpoint(mem: HybridMemory, seq, cfg: HybridConfig) -> Checkpoint:
         -1
     """
     cells = mem.recurrent.cells
-    seq = i32_scalar(seq)
+    seq = i32_scalar(seq, "seq")
     valid = seq_ok(seq, cfg.n_seq_max)
     t = cells.tail[jnp.clip(seq, 0, cfg.n_seq_max - 1)]
     tc = jnp.clip(t, 0, cfg.recurrent.rs_size - 1)
@@ -76,7 +76,7 @@ def restore_checkpoint(
     Returns:
         ``(mem, ok)``.
     """
-    seq = i32_scalar(seq)
+    seq = i32_scalar(seq, "seq")
     kv_max = kvc.seq_pos_max(mem.kv, seq, cfg.kv)
     reach = (ckpt.pos >= 0) & (ckpt.pos <= kv_max)
     kv, ok_a = kvc.seq_rm(mem.kv, seq, ckpt.pos + 1, -1, cfg.kv)

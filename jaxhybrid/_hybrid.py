@@ -228,14 +228,14 @@ def seq_pos_range(
 def seq_pos_min(mem: HybridMemory, seq, cfg: HybridConfig) -> Scalar:
     """Smallest position of ``seq`` available in both parts (-1 if none)."""
     lo, _ = seq_pos_range(mem, cfg)
-    s = i32_scalar(seq)
+    s = i32_scalar(seq, "seq")
     return jnp.where(seq_ok(s, cfg.n_seq_max), lo[jnp.clip(s, 0, cfg.n_seq_max - 1)], -1)
 
 
 def seq_pos_max(mem: HybridMemory, seq, cfg: HybridConfig) -> Scalar:
     """Largest position of ``seq`` available in both parts (-1 if none)."""
     _, hi = seq_pos_range(mem, cfg)
-    s = i32_scalar(seq)
+    s = i32_scalar(seq, "seq")
     return jnp.where(seq_ok(s, cfg.n_seq_max), hi[jnp.clip(s, 0, cfg.n_seq_max - 1)], -1)
 
 

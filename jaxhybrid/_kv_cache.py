@@ -198,14 +198,14 @@ def seq_pos_range(cache: KVCache, cfg: KVConfig) -> tuple[Int[Array, " seqs"], I
 
 def seq_pos_min(cache: KVCache, seq, cfg: KVConfig) -> Scalar:
     """Smallest position held by ``seq`` (§4.6), -1 if absent or ``seq`` is out of range."""
-    seq = i32_scalar(seq)
+    seq = i32_scalar(seq, "seq")
     pmin, _ = seq_pos_range(cache, cfg)
     return jnp.where(seq_ok(seq, cfg.n_seq_max), pmin[jnp.clip(seq, 0, cfg.n_seq_max - 1)], -1)
 
 
 def seq_pos_max(cache: KVCache, seq, cfg: KVConfig) -> Scalar:
     """Largest position held by ``seq`` (§4.6), -1 if absent or ``seq`` is out of range."""
-    seq = i32_scalar(seq)
+    seq = i32_scalar(seq, "seq")
     _, pmax = seq_pos_range(cache, cfg)
     return jnp.where(seq_ok(seq, cfg.n_seq_max), pmax[jnp.clip(seq, 0, cfg.n_seq_max - 1)], -1)
 
@@ -494,7 +494,7 @@ def write_kv(
         )
     del n_layers
     si = jnp.where(slot.valid & slot.ok, slot.stream, st_n)
-    layer = i32_scalar(layer)
+    layer = i32_scalar(layer, "layer")
     return cache._replace(
         k=cache.k.at[layer, si, slot.cell].set(k.astype(cache.k.dtype), mode="drop"),
         v=cache.v.at[layer, si, slot.cell].set(v.astype(cache.v.dtype), mode="drop"),
@@ -644,7 +644,7 @@ def additive_mask(mask: Bool[Array, "..."], dtype=jnp.float32) -> Float[Array, "
 def seq_rm(cache: KVCache, seq, p0, p1, cfg: KVConfig) -> tuple[KVCache, ScalarBool]:
     """Removes positions ``[p0, p1)`` of ``seq`` (-1 = every sequence, every stream) (§4.1)."""
     _check_cache(cache, cfg)
-    seq = i32_scalar(seq)
+    seq = i32_scalar(seq, "seq")
     ok = (seq == -1) | seq_ok(seq, cfg.n_seq_max)
     lo, hi = norm_range(p0, p1)
     cells = cache.cells
@@ -662,7 +662,7 @@ def seq_rm(cache: KVCache, seq, p0, p1, cfg: KVConfig) -> tuple[KVCache, ScalarB
 def seq_keep(cache: KVCache, seq, cfg: KVConfig) -> tuple[KVCache, ScalarBool]:
     """Keeps only ``seq``, in every stream (§4.3 with difference 7)."""
     _check_cache(cache, cfg)
-    seq = i32_scalar(seq)
+    seq = i32_scalar(seq, "seq")
     ok = seq_ok(seq, cfg.n_seq_max)
     cells = cache.cells
     one = jnp.arange(cfg.n_seq_max) == jnp.clip(seq, 0, cfg.n_seq_max - 1)
@@ -679,7 +679,7 @@ def seq_cp(cache: KVCache, src, dst, p0, p1, cfg: KVConfig) -> tuple[KVCache, Sc
     is then rebuilt from the source stream, K/V rows included, at once (differences 8, 12).
     """
     _check_cache(cache, cfg)
-    src, dst = i32_scalar(src), i32_scalar(dst)
+    src, dst = i32_scalar(src, "src"), i32_scalar(dst, "dst")
     n_seq = cfg.n_seq_max
     ok = seq_ok(src, cfg.n_seq_max) & seq_ok(dst, cfg.n_seq_max)
     lo, hi = norm_range(p0, p1)
@@ -785,7 +785,7 @@ def seq_add(cache: KVCache, seq, p0, p1, delta, cfg: KVConfig) -> tuple[KVCache,
     False and nothing changes.
     """
     _check_cache(cache, cfg)
-    seq, delta = i32_scalar(seq), i32_scalar(delta)
+    seq, delta = i32_scalar(seq, "seq"), i32_scalar(delta, "delta")
     lo, hi = norm_range(p0, p1)
     bad = ~seq_ok(seq, cfg.n_seq_max)
     noop = (delta == 0) | (lo == hi)
@@ -804,7 +804,7 @@ def seq_div(cache: KVCache, seq, p0, p1, d, cfg: KVConfig) -> tuple[KVCache, Sca
     :func:`seq_add`. ``d < 1`` or an out-of-range ``seq`` gives ``ok == False``.
     """
     _check_cache(cache, cfg)
-    seq, d = i32_scalar(seq), i32_scalar(d)
+    seq, d = i32_scalar(seq, "seq"), i32_scalar(d, "d")
     lo, hi = norm_range(p0, p1)
     bad = ~seq_ok(seq, cfg.n_seq_max) | (d < 1)
     noop = (d == 1) | (lo == hi)

@@ -670,7 +670,7 @@ def seq_rm(
         True
     """
     _check_memory(mem, cfg)
-    seq = i32_scalar(seq)
+    seq = i32_scalar(seq, "seq")
     p0, p1 = norm_range(p0, p1)
     cells = mem.cells
     every = seq == -1
@@ -769,7 +769,7 @@ def seq_cp(
     """
     _check_memory(mem, cfg)
     del p0, p1
-    src, dst = i32_scalar(src), i32_scalar(dst)
+    src, dst = i32_scalar(src, "src"), i32_scalar(dst, "dst")
     cells = mem.cells
     n_seq = cfg.n_seq_max
     ok = seq_ok(src, n_seq) & seq_ok(dst, n_seq)
@@ -789,7 +789,7 @@ def seq_keep(mem: RecurrentMemory, seq, cfg: RecurrentConfig) -> tuple[Recurrent
     An id outside ``[0, n_seq_max)`` returns False and changes nothing.
     """
     _check_memory(mem, cfg)
-    seq = i32_scalar(seq)
+    seq = i32_scalar(seq, "seq")
     cells = mem.cells
     n_seq = cfg.n_seq_max
     ok = seq_ok(seq, n_seq)
@@ -863,7 +863,7 @@ def seq_add(
         shared state must be split off and no cell is free.
     """
     _check_memory(mem, cfg)
-    seq, delta = i32_scalar(seq), i32_scalar(delta)
+    seq, delta = i32_scalar(seq, "seq"), i32_scalar(delta, "delta")
     p0, p1 = norm_range(p0, p1)
     valid = seq_ok(seq, cfg.n_seq_max)
     sel, pos = _selected(mem.cells, seq, p0, p1, cfg)
@@ -881,7 +881,7 @@ def seq_div(
     actually changes). ``d < 1`` and ids outside ``[0, n_seq_max)`` return False, no change.
     """
     _check_memory(mem, cfg)
-    seq, d = i32_scalar(seq), i32_scalar(d)
+    seq, d = i32_scalar(seq, "seq"), i32_scalar(d, "d")
     p0, p1 = norm_range(p0, p1)
     valid = seq_ok(seq, cfg.n_seq_max) & (d >= 1)
     sel, pos = _selected(mem.cells, seq, p0, p1, cfg)
@@ -921,7 +921,7 @@ def seq_pos_range(
 
 
 def _one_seq(values: Int[Array, " seqs"], seq, cfg: RecurrentConfig) -> Scalar:
-    seq = i32_scalar(seq)
+    seq = i32_scalar(seq, "seq")
     return jnp.where(seq_ok(seq, cfg.n_seq_max), values[jnp.clip(seq, 0, cfg.n_seq_max - 1)], -1)
 
 
@@ -979,7 +979,7 @@ def put_state(
         ``(mem, ok)``; False (memory unchanged) for an id out of range, ``pos < 0`` or no free cell.
     """
     _check_memory(mem, cfg)
-    seq, pos = i32_scalar(seq), i32_scalar(pos)
+    seq, pos = i32_scalar(seq, "seq"), i32_scalar(pos, "pos")
     cells = mem.cells
     rs = cfg.rs_size
     sc = jnp.clip(seq, 0, cfg.n_seq_max - 1)
