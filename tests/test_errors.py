@@ -98,3 +98,11 @@ def test_decode_codes_are_an_enum():
     )
     with pytest.raises(jh.DecodeError, match="NO_SLOT"):
         jh.raise_for_result(result)
+
+
+def test_serving_refuses_a_model_that_is_not_a_plug_in():
+    from jaxhybrid.serving import generate
+
+    # Given 0.1's call shape, the parameters where the plug-in is due
+    with pytest.raises(jh.InvalidTypeError, match="plug-in comes first"):
+        generate({"w": 1}, None, None, [[1]], cfg=None, n_ubatch=1, max_new_tokens=1)

@@ -262,6 +262,11 @@ def generate(
     Returns:
         A :class:`GenerateOutput` (device arrays).
     """
+    if not isinstance(model, jh.HybridModel):
+        raise jh.InvalidTypeError(
+            f"model must implement jaxhybrid.HybridModel (e.g. JambaModel(config)), got "
+            f"{type(model).__name__}; since 0.2 the plug-in comes first and its params second"
+        )
     n = len(prompts)
     toks, lens = as_prompts(prompts, n_prompt)
     ids = np.arange(n) if seq_ids is None else np.asarray(seq_ids)
