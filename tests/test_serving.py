@@ -39,6 +39,7 @@ class Case:
     model: jh.HybridModel
     params: object
     greedy: object  # greedy(prompt, n) -> n tokens, without the serving layer
+    draft_noise: float  # weight noise of a speculative draft that the target partly agrees with
 
 
 def _jamba_case() -> Case:
@@ -48,7 +49,7 @@ def _jamba_case() -> Case:
     def greedy(prompt, n):
         return ju.dense_greedy(config, params, prompt, n)
 
-    return Case("jamba", JambaModel(config), params, greedy)
+    return Case("jamba", JambaModel(config), params, greedy, 0.01)
 
 
 def _tiny_case() -> Case:
@@ -63,7 +64,7 @@ def _tiny_case() -> Case:
             toks.append(int(np.argmax(logits[-1])))
         return toks[len(prompt) :]
 
-    return Case("tiny", hm.TinyHybridModel(), params, greedy)
+    return Case("tiny", hm.TinyHybridModel(), params, greedy, 0.2)
 
 
 @pytest.fixture(scope="module", params=["jamba", "tiny"])
@@ -159,7 +160,7 @@ def test_speculative_decoding_equals_greedy(case):
     def perturb(p):
         if not jnp.issubdtype(p.dtype, jnp.floating):
             return p
-        return p + 0.01 * jnp.asarray(rng.standard_normal(p.shape), p.dtype)
+        return p + case.draft_noise * jnp.asarray(rng.standard_normal(p.shape), p.dtype)
 
     # Given a draft of the same family with perturbed weights
     draft = jax.tree.map(perturb, case.params)
@@ -179,7 +180,7 @@ def test_speculative_decoding_equals_greedy(case):
     assert int(out.code) == jh.DecodeCode.OK
     for s, prompt in enumerate(PROMPTS[:2]):
         assert np.asarray(out.tokens[s]).tolist() == want(case, prompt), s
-    assert int(out.n_accepted) <= int(out.n_drafted)
+    assert 0 < int(out.n_accepted) < int(out.n_drafted), (out.n_accepted, out.n_drafted)
 
 
 def test_speculative_decoding_refuses_a_model_without_per_token_states(case):
