@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxhybrid._cells import POS_INF
 from jaxhybrid._status import InvalidArgumentError, InvalidTypeError, JaxHybridError
 from jaxhybrid.array_typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
@@ -262,7 +263,8 @@ class BatchErrorCode(enum.IntEnum):
     NO_SEQ_ID = 4  # a token with no seq id (or more than the batch has columns for)
     SEQ_ID_OUT_OF_RANGE = 5  # seq id outside [0, n_seq_max) (expected = n_seq_max, found = id)
     DUPLICATE_SEQ_ID = 6  # a token lists the same seq id twice
-    NEGATIVE_POSITION = 7  # an explicit position < 0
+    POSITION_OUT_OF_RANGE = 7  # a position (explicit or assigned) outside [0, 2^31 - 1) (§15.2)
+    NEGATIVE_POSITION = 7  # the 0.1 name of POSITION_OUT_OF_RANGE, kept as an alias
     POSITION_NOT_INCREASING = 8  # positions of a sequence must strictly increase (Q2 fix)
     POSITION_NOT_CONSECUTIVE = 9  # first position != memory seq_pos_max + 1 (§6.2.6)
     POSITION_GAP = 10  # a gap between two positions of a sequence inside the batch (§6.2.6)
@@ -277,14 +279,15 @@ _MESSAGES = {
     BatchErrorCode.NO_SEQ_ID: "token has no valid list of seq ids",
     BatchErrorCode.SEQ_ID_OUT_OF_RANGE: "seq id out of range [0, n_seq_max)",
     BatchErrorCode.DUPLICATE_SEQ_ID: "token lists the same seq id twice",
-    BatchErrorCode.NEGATIVE_POSITION: "negative position",
+    BatchErrorCode.POSITION_OUT_OF_RANGE: "position outside [0, 2^31 - 1)",
     BatchErrorCode.POSITION_NOT_INCREASING: "positions of a sequence must strictly increase",
     BatchErrorCode.POSITION_NOT_CONSECUTIVE: (
         "positions must continue the sequence in memory (seq_pos_max + 1)"
     ),
     BatchErrorCode.POSITION_GAP: "positions of a sequence have a gap inside the batch",
     BatchErrorCode.COUPLED_DIVERGED: (
-        "coupled sequences (a token lists both) hold different position ranges in memory"
+        "coupled sequences (a token lists both) hold different position ranges or histories "
+        "in memory"
     ),
     BatchErrorCode.SEQ_SETS_NOT_NESTED: (
         "two tokens' seq sets share a sequence but neither set contains the other"
@@ -299,7 +302,8 @@ class BatchCheck(NamedTuple):
     named in :class:`BatchErrorCode`; for positions they are the expected and found position; for
     ``SEQ_SETS_NOT_NESTED`` ``found`` is the index of the earlier conflicting token; for
     ``COUPLED_DIVERGED`` they are the memory ``seq_pos_max`` (or ``seq_pos_min`` when the maxima
-    agree) of the primary and of the coupled sequence.
+    agree; -1 for both when only the histories differ) of the primary and of the coupled
+    sequence.
     """
 
     code: Scalar
@@ -334,7 +338,7 @@ class BatchError(JaxHybridError, ValueError):
             BatchErrorCode.POSITION_GAP,
         ):
             parts.append(f"expected position {self.expected}, found {self.found}")
-        elif code == BatchErrorCode.NEGATIVE_POSITION:
+        elif code == BatchErrorCode.POSITION_OUT_OF_RANGE:
             parts.append(f"found position {self.found}")
         elif code == BatchErrorCode.SEQ_SETS_NOT_NESTED:
             parts.append(f"conflicts with token {self.found}")
@@ -411,6 +415,9 @@ class _Facts(NamedTuple):
     seq_pos_min: Int[Array, " seqs"]
     seq_pos_max: Int[Array, " seqs"]
     n_vocab: int | None
+    # [p, q]: whether sequences p and q hold the same history beyond positions (the hybrid
+    # compares recurrent states), or None: coupled sequences must also share it (§6.2.7).
+    same_history: Bool[Array, "seqs seqs"] | None = None
 
 
 class _Finding(NamedTuple):
@@ -483,9 +490,11 @@ def _rule_duplicate_seq_id(f: _Facts) -> _Finding:
     return _finding(any_, t, dup_id, -1, dup_id)
 
 
-def _rule_negative_position(f: _Facts) -> _Finding:
+def _rule_position_out_of_range(f: _Facts) -> _Finding:
+    # Explicit positions, and automatic ones: those continue seq_pos_max + 1 in int32, so one
+    # that passes 2^31 - 2 is POS_INF or wraps negative; either way it is caught here (§15.2).
     b = f.batch
-    any_, t = _first_true(f.valid & ~b.auto_pos & (b.pos < 0))
+    any_, t = _first_true(f.valid & ((b.pos < 0) | (b.pos >= POS_INF)))
     return _finding(any_, t, expected=0, found=b.pos[jnp.maximum(t, 0)])
 
 
@@ -519,22 +528,17 @@ def _rule_coupled_diverged(f: _Facts) -> _Finding:
     lo, hi = f.seq_pos_min, f.seq_pos_max
     primary = jnp.clip(f.batch.seq_id[:, 0], 0, n_seq_max - 1)
     p_min, p_max = lo[primary], hi[primary]
-    bad = (
-        f.member
-        & (jnp.arange(n_seq_max)[None, :] != primary[:, None])
-        & ((lo[None, :] != p_min[:, None]) | (hi[None, :] != p_max[:, None]))
-    )
+    differs = (lo[None, :] != p_min[:, None]) | (hi[None, :] != p_max[:, None])
+    if f.same_history is not None:
+        differs |= ~f.same_history[primary]
+    bad = f.member & (jnp.arange(n_seq_max)[None, :] != primary[:, None]) & differs
     any_, t, s, row = _first_cell(bad)
     s0 = jnp.maximum(s, 0)
-    # Report the maxima when they differ, else the minima.
+    # Report the maxima when they differ, else the minima, else -1 (the histories differ).
     max_differs = hi[s0] != p_max[row]
-    return _finding(
-        any_,
-        t,
-        s,
-        jnp.where(max_differs, p_max[row], p_min[row]),
-        jnp.where(max_differs, hi[s0], lo[s0]),
-    )
+    min_differs = lo[s0] != p_min[row]
+    pick = lambda a, b: jnp.where(max_differs, a, jnp.where(min_differs, b, -1))
+    return _finding(any_, t, s, pick(p_max[row], p_min[row]), pick(hi[s0], lo[s0]))
 
 
 def _rule_seq_sets_not_nested(f: _Facts) -> _Finding:
@@ -564,7 +568,7 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(BatchErrorCode.NO_SEQ_ID, _rule_no_seq_id),
     _Rule(BatchErrorCode.SEQ_ID_OUT_OF_RANGE, _rule_seq_id_out_of_range),
     _Rule(BatchErrorCode.DUPLICATE_SEQ_ID, _rule_duplicate_seq_id),
-    _Rule(BatchErrorCode.NEGATIVE_POSITION, _rule_negative_position),
+    _Rule(BatchErrorCode.POSITION_OUT_OF_RANGE, _rule_position_out_of_range),
     _Rule(BatchErrorCode.POSITION_NOT_INCREASING, _rule_position_not_increasing),
     _Rule(BatchErrorCode.POSITION_NOT_CONSECUTIVE, _rule_position_not_consecutive),
     _Rule(BatchErrorCode.POSITION_GAP, _rule_position_gap),
@@ -591,6 +595,7 @@ def _facts(
     seq_pos_max: Int[Array, " seqs"],
     n_seq_max: int,
     n_vocab: int | None,
+    same_history: Bool[Array, "seqs seqs"] | None = None,
 ) -> _Facts:
     member = seq_membership(batch, n_seq_max)
     running = jax.lax.cummax(jnp.where(member, batch.pos[:, None], -1), axis=0)
@@ -604,6 +609,7 @@ def _facts(
         seq_pos_min=seq_pos_min,
         seq_pos_max=seq_pos_max,
         n_vocab=n_vocab,
+        same_history=same_history,
     )
 
 
@@ -615,6 +621,7 @@ def validate(
     n_seq_max: int,
     n_vocab: int | None = None,
     output_all: bool = False,
+    same_history: Bool[Array, "seqs seqs"] | None = None,
 ) -> tuple[Batch, BatchCheck]:
     """Validates a batch against spec §6.2 and fills in automatic positions.
 
@@ -625,6 +632,9 @@ def validate(
         n_seq_max: static number of sequence ids.
         n_vocab: static vocabulary size, or None to skip the token-id check (embeddings).
         output_all: every token must output (embeddings); flags are forced on (§6.2.3).
+        same_history: ``[n_seq_max, n_seq_max]`` whether two sequences hold the same history,
+            or None: a token that couples sequences also needs that (the hybrid compares their
+            recurrent states, §6.2.7).
 
     Returns:
         ``(batch, check)``: the batch with positions assigned (when ``auto_pos``) and output
@@ -649,7 +659,7 @@ def validate(
     pos = jnp.where(batch.auto_pos, _assign_positions(batch, member, seq_pos_max), batch.pos)
     output = batch.output | (valid if output_all else False)
     batch = batch._replace(pos=jnp.where(valid, pos.astype(jnp.int32), 0), output=output & valid)
-    facts = _facts(batch, seq_pos_min, seq_pos_max, n_seq_max, n_vocab)
+    facts = _facts(batch, seq_pos_min, seq_pos_max, n_seq_max, n_vocab, same_history)
     return batch, _first_failing(_RULES, facts)
 
 

@@ -16,7 +16,16 @@ import numpy as np
 from jaxhybrid._status import InvalidArgumentError, InvalidTypeError
 from jaxhybrid.array_typing import Array, Bool, Scalar, ScalarBool
 
-__all__ = ["I32", "POS_INF", "drop_empty", "i32_scalar", "lower_head", "norm_range", "seq_ok"]
+__all__ = [
+    "I32",
+    "POS_INF",
+    "add_overflows",
+    "drop_empty",
+    "i32_scalar",
+    "lower_head",
+    "norm_range",
+    "seq_ok",
+]
 
 I32 = jnp.int32
 POS_INF = int(np.iinfo(np.int32).max)  # an open range end (p1 < 0) normalises to this (§4)
@@ -55,6 +64,13 @@ def norm_range(p0, p1) -> tuple[Scalar, Scalar]:
     """§4: ``p0 < 0 -> 0``, ``p1 < 0 -> +inf``; ranges are half-open."""
     p0, p1 = i32_scalar(p0, "p0"), i32_scalar(p1, "p1")
     return jnp.maximum(p0, 0), jnp.where(p1 < 0, POS_INF, p1)
+
+
+def add_overflows(pos: Array, delta: Scalar) -> Bool[Array, "..."]:
+    """Where ``pos + delta`` would leave the stored position range ``[0, 2^31 - 1)`` upwards
+    (§15.2), computed without overflowing int32 itself. Results below 0 are the operations' own
+    rule (the position is dropped), not an overflow."""
+    return (delta > 0) & (pos > POS_INF - 1 - jnp.maximum(delta, 0))
 
 
 def seq_ok(seq: Scalar, n_seq_max: int) -> ScalarBool:

@@ -33,6 +33,7 @@ from jaxhybrid._batch import (
     UBatch,
     UBatchPlan,
     get_ubatch,
+    seq_membership,
     split,
     validate,
 )
@@ -258,15 +259,30 @@ def seq_rm(mem: HybridMemory, seq, p0, p1, cfg: HybridConfig) -> tuple[HybridMem
     """
     recr, ok_r = rec.seq_rm(mem.recurrent, seq, p0, p1, cfg.recurrent)
     kv, ok_a = kvc.seq_rm(mem.kv, seq, p0, p1, cfg.kv)
-    ok = ok_r & ok_a
-    return _select(ok, HybridMemory(kv, recr), mem), ok
+    return _keep_if(mem, HybridMemory(kv, recr), ok_r & ok_a, cfg)
 
 
-def _both(mem: HybridMemory, kv_op, recr_op) -> tuple[HybridMemory, ScalarBool]:
+def parts_agree(mem: HybridMemory, cfg: HybridConfig) -> Bool[Array, " seqs"]:
+    """Per sequence, whether its two parts agree (§15.1): the recurrent state sits at the
+    attention part's last position, or both parts lack the sequence."""
+    _, a_max = kvc.seq_pos_range(mem.kv, cfg.kv)
+    _, r_max = rec.seq_pos_range(mem.recurrent, cfg.recurrent, snapshots=False)
+    return a_max == r_max
+
+
+def _keep_if(
+    old: HybridMemory, new: HybridMemory, ok: ScalarBool, cfg: HybridConfig
+) -> tuple[HybridMemory, ScalarBool]:
+    """``new`` when ``ok`` and no sequence whose parts agreed in ``old`` disagrees in ``new``
+    (§15.1); otherwise ``old``, bit-identical, and False."""
+    ok = ok & jnp.all(parts_agree(new, cfg) | ~parts_agree(old, cfg))
+    return _select(ok, new, old), ok
+
+
+def _both(mem: HybridMemory, kv_op, recr_op, cfg: HybridConfig) -> tuple[HybridMemory, ScalarBool]:
     kv, ok_a = kv_op(mem.kv)
     recr, ok_r = recr_op(mem.recurrent)
-    ok = ok_a & ok_r
-    return _select(ok, HybridMemory(kv, recr), mem), ok
+    return _keep_if(mem, HybridMemory(kv, recr), ok_a & ok_r, cfg)
 
 
 def seq_cp(
@@ -277,6 +293,7 @@ def seq_cp(
         mem,
         lambda m: kvc.seq_cp(m, src, dst, p0, p1, cfg.kv),
         lambda m: rec.seq_cp(m, src, dst, p0, p1, cfg.recurrent),
+        cfg,
     )
 
 
@@ -286,6 +303,7 @@ def seq_keep(mem: HybridMemory, seq, cfg: HybridConfig) -> tuple[HybridMemory, S
         mem,
         lambda m: kvc.seq_keep(m, seq, cfg.kv),
         lambda m: rec.seq_keep(m, seq, cfg.recurrent),
+        cfg,
     )
 
 
@@ -298,6 +316,7 @@ def seq_add(
         mem,
         lambda m: kvc.seq_add(m, seq, p0, p1, delta, cfg.kv),
         lambda m: rec.seq_add(m, seq, p0, p1, delta, cfg.recurrent),
+        cfg,
     )
 
 
@@ -309,6 +328,7 @@ def seq_div(
         mem,
         lambda m: kvc.seq_div(m, seq, p0, p1, d, cfg.kv),
         lambda m: rec.seq_div(m, seq, p0, p1, d, cfg.recurrent),
+        cfg,
     )
 
 
@@ -621,6 +641,21 @@ def _run_plan(step_fn, params, mem, batch, plan, slots, zeros, cfg, n_ubatch):
     return final.mem, final.outputs
 
 
+def _coupled_states_equal(
+    mem: HybridMemory, batch: Batch, cfg: HybridConfig
+) -> Bool[Array, "seqs seqs"]:
+    """``[p, q]``: whether sequences ``p`` and ``q`` hold the same recurrent state, computed for
+    the pairs the batch couples (a token whose primary is ``p`` also lists ``q``); True elsewhere.
+    States are compared only when such a pair sits in two cells (§6.2.7)."""
+    n = cfg.n_seq_max
+    member = seq_membership(batch, n)
+    primary = jax.nn.one_hot(jnp.clip(batch.seq_id[:, 0], 0, n - 1), n, dtype=jnp.bool_)
+    coupled = jnp.any(primary[:, :, None] & member[:, None, :], axis=0)  # [p, q]
+    p, q = (x.reshape(-1) for x in jnp.meshgrid(jnp.arange(n), jnp.arange(n), indexing="ij"))
+    same = rec.same_state(mem.recurrent, p, q, cfg.recurrent, where=coupled.reshape(-1))
+    return same.reshape(n, n) | ~coupled
+
+
 def decode(
     step_fn: StepFn,
     params,
@@ -658,8 +693,17 @@ def decode(
     # Validation compares sequences as llama.cpp does (a recurrent state holds its last position
     # only): rollback snapshots must not make coupled sequences look diverged (§6.2).
     lo, hi = seq_pos_range(mem, cfg, snapshots=False)
+    # Coupled sequences must also share one recurrent state (§6.2.7): a token listing two
+    # sequences with different histories would make the secondary's state adopt the primary's
+    # while its attention cells keep its own (§15.1).
     batch, check = validate(
-        batch, lo, hi, n_seq_max=cfg.n_seq_max, n_vocab=n_vocab, output_all=embd_all
+        batch,
+        lo,
+        hi,
+        n_seq_max=cfg.n_seq_max,
+        n_vocab=n_vocab,
+        output_all=embd_all,
+        same_history=_coupled_states_equal(mem, batch, cfg),
     )
     # The dry run keeps the KV slot of every ubatch, so applying them does not search again.
     plan, status, slots = _init_batch(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxhybrid._batch import Batch, UBatch, UBatchPlan, get_ubatch
-from jaxhybrid._cells import drop_empty, i32_scalar, lower_head, norm_range, seq_ok
+from jaxhybrid._cells import add_overflows, drop_empty, i32_scalar, lower_head, norm_range, seq_ok
 from jaxhybrid._config import KVConfig, SWAType
 from jaxhybrid._status import InvalidArgumentError, MemoryStatus
 from jaxhybrid._status import select_tree as _select
@@ -733,8 +733,11 @@ class _Moved(NamedTuple):
     freed: Bool[Array, " cells"]
 
 
-def _move(cache: KVCache, seq, lo, hi, new_pos_fn, cfg: KVConfig, *, fail) -> _Moved:
+def _move(cache: KVCache, seq, lo, hi, new_pos_fn, cfg: KVConfig, *, fail, delta=0) -> _Moved:
     """Moves the cells of ``seq`` with ``pos in [lo, hi)`` to ``new_pos_fn(pos)`` (§4.4, §4.5).
+
+    ``delta`` (seq_add's) refuses the move when a selected position would pass ``2^31 - 2``
+    (§15.2) instead of wrapping into the negative range and dropping the cell.
 
     Only ``seq`` moves (difference 10): a cell shared with other sequences keeps them and ``seq`` is
     split off into the lowest free cell of its stream, K/V rows of every layer copied. Cells whose
@@ -754,7 +757,7 @@ def _move(cache: KVCache, seq, lo, hi, new_pos_fn, cfg: KVConfig, *, fail) -> _M
     shared = moved & ~neg & others
     solo = moved & ~neg & ~others
     free = pos < 0
-    ok = ~fail & (jnp.sum(shared) <= jnp.sum(free))
+    ok = ~fail & (jnp.sum(shared) <= jnp.sum(free)) & ~jnp.any(sel & add_overflows(pos, delta))
     free_cells = jnp.argsort(~free, stable=True).astype(_I32)  # free cells first, ascending
     rank = jnp.cumsum(shared) - 1
     dest = jnp.where(shared & ok, free_cells[jnp.clip(rank, 0, size - 1)], size)
@@ -789,7 +792,7 @@ def seq_add(cache: KVCache, seq, p0, p1, delta, cfg: KVConfig) -> tuple[KVCache,
     lo, hi = norm_range(p0, p1)
     bad = ~seq_ok(seq, cfg.n_seq_max)
     noop = (delta == 0) | (lo == hi)
-    res = _move(cache, seq, lo, hi, lambda p: p + delta, cfg, fail=bad | noop)
+    res = _move(cache, seq, lo, hi, lambda p: p + delta, cfg, fail=bad | noop, delta=delta)
     st = _stream_of_seq(cfg)[jnp.clip(seq, 0, cfg.n_seq_max - 1)]
     first = jnp.where(jnp.any(res.freed), jnp.argmax(res.freed), 0).astype(_I32)
     cells = res.cache.cells

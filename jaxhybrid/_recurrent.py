@@ -28,7 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxhybrid._batch import Batch, UBatch, UBatchPlan, get_ubatch
-from jaxhybrid._cells import POS_INF, drop_empty, i32_scalar, lower_head, norm_range, seq_ok
+from jaxhybrid._cells import (
+    POS_INF,
+    add_overflows,
+    drop_empty,
+    i32_scalar,
+    lower_head,
+    norm_range,
+    seq_ok,
+)
 from jaxhybrid._config import RecurrentConfig
 from jaxhybrid._status import InvalidArgumentError
 from jaxhybrid._status import select_tree as _select
@@ -868,8 +876,9 @@ def seq_add(
     valid = seq_ok(seq, cfg.n_seq_max)
     sel, pos = _selected(mem.cells, seq, p0, p1, cfg)
     hit = valid & sel & (delta != 0) & (p0 != p1)
-    new, ok = _move_position(mem, seq, hit, pos + delta, cfg)
-    return new, valid & ok
+    over = hit & add_overflows(pos, delta)  # §15.2: refused, not wrapped
+    new, ok = _move_position(mem, seq, hit & ~over, pos + delta, cfg)
+    return new, valid & ok & ~over
 
 
 def seq_div(
@@ -935,6 +944,41 @@ def seq_pos_max(mem: RecurrentMemory, seq, cfg: RecurrentConfig) -> Scalar:
     return _one_seq(seq_pos_range(mem, cfg)[1], seq, cfg)
 
 
+def same_state(
+    mem: RecurrentMemory, seq_a, seq_b, cfg: RecurrentConfig, *, where
+) -> Bool[Array, " pairs"]:
+    """Whether sequences ``seq_a[i]`` and ``seq_b[i]`` hold the same state: both none, one shared
+    cell, or two cells at one position whose ``r`` and ``s`` are bitwise equal in every layer
+    (a restored or re-computed copy of the same history). State rows are read only when some
+    pair with ``where[i]`` sits in two cells (a ``lax.cond``); other pairs in two cells are
+    reported False."""
+    tail = mem.cells.tail
+    ta, tb = tail[seq_a], tail[seq_b]
+    rs = cfg.rs_size
+
+    def rows_equal(a, b):
+        ca, cb = jnp.clip(a, 0, rs - 1), jnp.clip(b, 0, rs - 1)
+        same = mem.cells.pos[ca] == mem.cells.pos[cb]
+        for buf in (mem.r, mem.s):
+            flat_a = buf[:, ca].reshape(buf.shape[0], -1)
+            flat_b = buf[:, cb].reshape(buf.shape[0], -1)
+            # bitwise, so that -0.0 / NaN patterns compare as stored
+            same &= jnp.all(_bits(flat_a) == _bits(flat_b))
+        return same
+
+    def compare(_):
+        return jax.vmap(rows_equal)(ta, tb)
+
+    differ = (ta != tb) & (ta >= 0) & (tb >= 0) & where
+    equal_rows = jax.lax.cond(jnp.any(differ), compare, lambda _: jnp.zeros_like(differ), None)
+    return (ta == tb) | (differ & equal_rows)
+
+
+def _bits(x: Array) -> Array:
+    """``x`` reinterpreted as unsigned integers of its width (bitwise comparisons)."""
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+
+
 def clear(
     mem: RecurrentMemory, cfg: RecurrentConfig, *, data: bool | ScalarBool = True
 ) -> RecurrentMemory:
@@ -977,9 +1021,19 @@ def put_state(
 
     Returns:
         ``(mem, ok)``; False (memory unchanged) for an id out of range, ``pos < 0`` or no free cell.
+
+    Raises:
+        InvalidArgumentError: ``r`` or ``s`` of another shape or dtype than this memory's.
     """
     _check_memory(mem, cfg)
     seq, pos = i32_scalar(seq, "seq"), i32_scalar(pos, "pos")
+    for name, got, buf in (("r", r, mem.r), ("s", s, mem.s)):
+        want = (buf.shape[0], *buf.shape[2:])  # one row per layer
+        if tuple(jnp.shape(got)) != want or jnp.result_type(got) != buf.dtype:
+            raise InvalidArgumentError(
+                f"state {name} is {jnp.result_type(got)}{list(jnp.shape(got))}, this memory's "
+                f"{buf.dtype}{list(want)} (nothing is broadcast or cast)"
+            )
     cells = mem.cells
     rs = cfg.rs_size
     sc = jnp.clip(seq, 0, cfg.n_seq_max - 1)

@@ -15,7 +15,7 @@ TOKEN_OUT_OF_RANGE = 3
 NO_SEQ_ID = 4
 SEQ_ID_OUT_OF_RANGE = 5
 DUPLICATE_SEQ_ID = 6
-NEGATIVE_POSITION = 7
+POSITION_OUT_OF_RANGE = 7
 POSITION_NOT_INCREASING = 8
 POSITION_NOT_CONSECUTIVE = 9
 POSITION_GAP = 10
@@ -53,8 +53,11 @@ def ref_validate(
     n_seq_max: int,
     n_vocab: int | None,
     output_all: bool = False,
+    same_history=None,
 ) -> tuple[list[int], list[bool], RefCheck]:
-    """Returns (positions, output flags, check)."""
+    """Returns (positions, output flags, check). ``same_history(p, q)``: whether coupled
+    sequences hold the same history (the hybrid compares recurrent states), or None."""
+    same = same_history or (lambda p, q: True)
     n = b.n
     if n == 0:
         return [], [], RefCheck(EMPTY, -1, -1, 1, 0)
@@ -88,9 +91,9 @@ def ref_validate(
                 nxt[q] = p + 1
     else:
         pos = list(b.pos)
-        for i, p in enumerate(pos):
-            if p < 0:
-                return pos, [], RefCheck(NEGATIVE_POSITION, i, -1, 0, p)
+    for i, p in enumerate(pos):  # explicit or assigned: inside [0, 2^31 - 1) (§15.2)
+        if not 0 <= p < 2**31 - 1:
+            return pos, [], RefCheck(POSITION_OUT_OF_RANGE, i, -1, 0, p)
     outputs = [True] * n if output_all else list(b.output)
 
     # Strictly increasing positions per sequence along the batch (Q2 fix).
@@ -123,15 +126,18 @@ def ref_validate(
         for q in s:
             last[q] = pos[i]
 
-    # Coupled sequences (§6.2.7): a token lists s0 first and s1 later -> same memory range.
+    # Coupled sequences (§6.2.7): a token lists s0 first and s1 later -> same memory range
+    # (and the same history, when one is given).
     for i, s in enumerate(b.seqs):
         s0 = s[0]
         for q in sorted(s[1:]):
-            if mem_min[q] != mem_min[s0] or mem_max[q] != mem_max[s0]:
+            if (mem_min[q], mem_max[q]) != (mem_min[s0], mem_max[s0]) or not same(s0, q):
                 if mem_max[q] != mem_max[s0]:
                     exp, found = mem_max[s0], mem_max[q]
-                else:
+                elif mem_min[q] != mem_min[s0]:
                     exp, found = mem_min[s0], mem_min[q]
+                else:
+                    exp, found = -1, -1
                 return pos, outputs, RefCheck(COUPLED_DIVERGED, i, q, exp, found)
 
     # Nested seq sets (Q2 fix): sets that share a sequence must be nested.

@@ -24,9 +24,16 @@ class RefHybrid:
         hi = -1 if a[1] < 0 or r[1] < 0 else min(a[1], r[1])
         return max(a[0], r[0]), hi
 
+    def agree(self, s: int) -> bool:
+        """§15.1: the state sits at the attention part's last position (or both lack ``s``)."""
+        return self.kv.seq_pos_max(s) == self.recurrent.pos_range(s)[1]
+
     def _atomic(self, kv_op, recr_op) -> bool:
         snap = (copy.deepcopy(self.kv), copy.deepcopy(self.recurrent))
+        before = [self.agree(s) for s in range(self.n_seq_max)]
         ok = bool(recr_op()) & bool(kv_op())
+        # A sequence whose parts agreed must still agree (§15.1), else the operation is refused.
+        ok = ok and all(self.agree(s) or not was for s, was in enumerate(before))
         if not ok:
             self.kv, self.recurrent = snap
         return ok
@@ -63,6 +70,7 @@ class RefHybrid:
             [r[1] for r in ranges],
             n_seq_max=self.n_seq_max,
             n_vocab=n_vocab,
+            same_history=self.recurrent.same_state,
         )
         if check.code != rb.OK:
             return -1

@@ -226,7 +226,13 @@ def _check(batch, mem_min=E, mem_max=E, n_seq_max=4, n_vocab=N_VOCAB, **kw):
         (dict(tokens=[1, 2], seq_ids=[0, []]), E, jh.BatchErrorCode.NO_SEQ_ID, "token 1"),
         (dict(tokens=[1], seq_ids=[7]), E, jh.BatchErrorCode.SEQ_ID_OUT_OF_RANGE, "seq 7"),
         (dict(tokens=[1], seq_ids=[[1, 1]]), E, jh.BatchErrorCode.DUPLICATE_SEQ_ID, "seq 1"),
-        (dict(tokens=[1], pos=[-3]), E, jh.BatchErrorCode.NEGATIVE_POSITION, "found position -3"),
+        (dict(tokens=[1], pos=[-3]), E, jh.BatchErrorCode.POSITION_OUT_OF_RANGE, "position -3"),
+        (
+            dict(tokens=[1], pos=[2**31 - 1]),
+            E,
+            jh.BatchErrorCode.POSITION_OUT_OF_RANGE,
+            "2147483647",
+        ),
         (
             dict(tokens=[1, 2], pos=[4, 4]),
             E,
@@ -290,7 +296,9 @@ def test_rules_are_tried_in_the_order_of_their_codes():
 
 def test_batch_error_is_a_jaxhybrid_error_and_a_value_error():
     batch = jh.make_batch([1], pos=[-1], n_batch=4)
-    with pytest.raises(jh.JaxHybridError, match=r"NEGATIVE_POSITION.*token 0.*found position -1"):
+    with pytest.raises(
+        jh.JaxHybridError, match=r"POSITION_OUT_OF_RANGE.*token 0.*found position -1"
+    ):
         jh.raise_for_check(_check(batch)[1])
     assert issubclass(jh.BatchError, ValueError) and issubclass(jh.BatchError, RuntimeError)
 
