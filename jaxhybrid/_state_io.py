@@ -45,7 +45,9 @@ import numpy as np
 from jaxhybrid._config import KVConfig, RecurrentConfig
 from jaxhybrid._hybrid import HybridConfig, HybridMemory
 from jaxhybrid._kv_cache import KVCache, KVCells
+from jaxhybrid._kv_cache import seq_rm as kv_seq_rm
 from jaxhybrid._recurrent import RecurrentCells, RecurrentMemory
+from jaxhybrid._recurrent import _check_memory as check_recurrent
 from jaxhybrid._status import InvalidArgumentError, InvalidTypeError, JaxHybridError
 
 __all__ = [
@@ -252,7 +254,29 @@ def _compare_desc(blob_desc, mine: dict, partial: bool) -> None:
 # Dispatch on the memory type
 
 
+def _check_kv(cache: KVCache, cfg: KVConfig) -> None:
+    """Every array of ``cache`` has the shape and dtype ``cfg`` gives it (a config that does not
+    describe the memory would write a blob that lies about it)."""
+    st, c = cfg.n_stream, cfg.kv_size
+    i32 = np.dtype(np.int32)
+    expected = {
+        "cells.pos": (cache.cells.pos, (st, c), i32),
+        "cells.seq": (cache.cells.seq, (st, c, cfg.n_seq_max), np.dtype(np.bool_)),
+        "cells.shift": (cache.cells.shift, (st, c), i32),
+        "cells.head": (cache.cells.head, (st,), i32),
+        "k": (cache.k, (cfg.n_layers, st, c, cfg.n_kv_heads, cfg.head_dim_k), cfg.dtype_k),
+        "v": (cache.v, (cfg.n_layers, st, c, cfg.n_kv_heads, cfg.head_dim_v), cfg.dtype_v),
+    }
+    for name, (a, shape, dtype) in expected.items():
+        if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
+            raise InvalidArgumentError(
+                f"KV cache field {name} must be {np.dtype(dtype)}{list(shape)} for this config, "
+                f"got {np.dtype(a.dtype)}{list(a.shape)}"
+            )
+
+
 def _kind(mem: Memory, cfg: Config) -> int:
+    """The record kind of ``mem``, after checking that ``cfg`` describes it."""
     for kind, mem_t, cfg_t in (
         (_KIND_KV, KVCache, KVConfig),
         (_KIND_RECURRENT, RecurrentMemory, RecurrentConfig),
@@ -263,6 +287,11 @@ def _kind(mem: Memory, cfg: Config) -> int:
                 raise InvalidTypeError(
                     f"a {mem_t.__name__} needs a {cfg_t.__name__}, got {type(cfg)}"
                 )
+            kv, recr = _parts(mem, cfg, StateFlags.NONE)
+            if kv is not None:
+                _check_kv(*kv)
+            if recr is not None:
+                check_recurrent(*recr)
             return kind
     raise InvalidTypeError(f"expected a KVCache, RecurrentMemory or HybridMemory, got {type(mem)}")
 
@@ -278,11 +307,23 @@ def _parts(mem: Memory, cfg: Config, flags: StateFlags):
 
 
 def _check_seq(seq_id: int, n_seq_max: int) -> int:
-    if isinstance(seq_id, bool) or not isinstance(seq_id, int | np.integer):
-        raise InvalidArgumentError(f"seq_id must be an int, got {seq_id!r}")
+    if isinstance(seq_id, bool | np.bool_) or not isinstance(seq_id, int | np.integer):
+        raise InvalidTypeError(f"seq_id must be an int, got {seq_id!r}")
     if not -1 <= seq_id < n_seq_max:
         raise InvalidArgumentError(f"seq_id must be -1 (all) or in [0, {n_seq_max}), got {seq_id}")
     return int(seq_id)
+
+
+def _check_flags(flags) -> StateFlags:
+    """``flags`` as :class:`StateFlags`: an int (or StateFlags) with known bits only."""
+    if isinstance(flags, bool | np.bool_) or not isinstance(flags, int | np.integer):
+        raise InvalidTypeError(f"flags must be StateFlags or an int, got {flags!r}")
+    known = int(StateFlags.PARTIAL_ONLY | StateFlags.SNAPSHOTS)
+    if flags < 0 or int(flags) & ~known:
+        raise InvalidArgumentError(
+            f"flags {int(flags)} has bits other than PARTIAL_ONLY (1) and SNAPSHOTS (4)"
+        )
+    return StateFlags(int(flags))
 
 
 def _n_seq_max(cfg: Config) -> int:
@@ -411,8 +452,11 @@ def state_write(
         The blob, to give to :func:`state_read` with the same ``flags``.
 
     Raises:
-        ValueError: ``seq_id`` out of range, or the KV cache has pending K-shifts (run
-            :func:`~jaxhybrid.update` first).
+        InvalidTypeError: ``seq_id`` or ``flags`` not an integer, or a memory / config of the
+            wrong type.
+        InvalidArgumentError: ``seq_id`` out of range, unknown ``flags`` bits, a config that does
+            not describe the memory (an array of another shape or dtype), or the KV cache has
+            pending K-shifts (run :func:`~jaxhybrid.update` first).
 
     Examples:
         >>> import jaxhybrid as jh
@@ -422,7 +466,7 @@ def state_write(
         b'JHMS'
     """
     kind = _kind(mem, cfg)
-    flags = StateFlags(flags)
+    flags = _check_flags(flags)
     seq_id = _check_seq(seq_id, _n_seq_max(cfg))
     kv, recr = _parts(mem, cfg, flags)
     if flags & StateFlags.SNAPSHOTS and recr is not None and not recr[1].n_snapshots:
@@ -518,18 +562,6 @@ def _read_data_header(r: _Reader, n_layers: int, trans: str, what: str) -> None:
         raise _Bad(f"{what} has {m} layers, this memory {n_layers}")
 
 
-def _unique_positions(pos: np.ndarray, ids: list[np.ndarray], what: str) -> None:
-    """Each sequence holds each position once (the invariant every batch keeps, §6.2)."""
-    if not ids:
-        return
-    counts = np.array([len(i) for i in ids])
-    pairs = np.stack([np.concatenate(ids), np.repeat(pos, counts)], axis=1)
-    uniq, n = np.unique(pairs, axis=0, return_counts=True)
-    if np.any(n > 1):
-        s, p = uniq[np.argmax(n > 1)]
-        raise _Bad(f"{what}: sequence {s} holds position {p} in two cells")
-
-
 def _parse_kv(r: _Reader, cfg: KVConfig, per_seq: bool) -> list[_Cells | None]:
     """The record of §9.2: one entry per stream (None when the stream has no cells)."""
     n_stream = r.u32("KV stream count")
@@ -554,7 +586,8 @@ def _parse_kv(r: _Reader, cfg: KVConfig, per_seq: bool) -> list[_Cells | None]:
             ids = [np.zeros((1,), np.int32)] * n  # the stored id is replaced by the destination
         elif not cfg.unified and any(np.any(i != s) for i in ids):
             raise _Bad(f"{what} holds a cell of another sequence (one stream per sequence, §2.1)")
-        _unique_positions(pos, ids, what)
+        # A sequence may hold one position in several cells: seq_div and a partial seq_add
+        # make that, as in llama.cpp, and such a memory's own blob must restore (§9.3).
         _read_data_header(r, cfg.n_layers, "v_trans", what)
         k = _read_layers(r, cfg.n_layers, n, (cfg.n_kv_heads, cfg.head_dim_k), cfg.dtype_k, what)
         v = _read_layers(r, cfg.n_layers, n, (cfg.n_kv_heads, cfg.head_dim_v), cfg.dtype_v, what)
@@ -769,9 +802,13 @@ def _plan_kv_seq(cache: KVCache, cfg: KVConfig, rec: list[_Cells | None], seq_id
     return plan
 
 
-def _restore_kv(cache: KVCache, cfg: KVConfig, rec: list[_Cells | None], seq_id: int) -> KVCache:
-    """Plans and applies a parsed KV record (§9.3); raises :class:`_Bad` before any change."""
-    plan = _plan_kv_whole(cfg, rec) if seq_id == -1 else _plan_kv_seq(cache, cfg, rec, seq_id)
+def _plan_kv(cache: KVCache, cfg: KVConfig, rec: list[_Cells | None], seq_id: int) -> _KVPlan:
+    """Plans a parsed KV record (§9.3) on host copies; raises :class:`_Bad` if it cannot fit."""
+    return _plan_kv_whole(cfg, rec) if seq_id == -1 else _plan_kv_seq(cache, cfg, rec, seq_id)
+
+
+def _restore_kv(cache: KVCache, plan: _KVPlan) -> KVCache:
+    """Applies a planned KV restore."""
     new_cells = KVCells(
         pos=_like(jnp.asarray(plan.pos), cache.cells.pos),
         seq=_like(jnp.asarray(plan.seq), cache.cells.seq),
@@ -858,14 +895,17 @@ def _plan_recurrent_seq(
     return _RecurrentPlan(pos, seqs, tail, head, snap, cells, clear=False)
 
 
-def _restore_recurrent(
+def _plan_recurrent(
     mem: RecurrentMemory, cfg: RecurrentConfig, rec: _Cells | None, seq_id: int
-) -> RecurrentMemory:
-    """Plans and applies a parsed recurrent record (§9.5)."""
+) -> _RecurrentPlan:
+    """Plans a parsed recurrent record (§9.5) on host copies."""
     if seq_id == -1:
-        plan = _plan_recurrent_whole(cfg, rec)
-    else:
-        plan = _plan_recurrent_seq(mem, cfg, rec, seq_id)
+        return _plan_recurrent_whole(cfg, rec)
+    return _plan_recurrent_seq(mem, cfg, rec, seq_id)
+
+
+def _restore_recurrent(mem: RecurrentMemory, rec: _Cells | None, plan: _RecurrentPlan):
+    """Applies a planned recurrent restore."""
     cur = mem.cells
     new_cells = RecurrentCells(
         pos=_like(jnp.asarray(plan.pos), cur.pos),
@@ -890,13 +930,13 @@ def _restore_recurrent(
 
 def _read(mem: Memory, cfg: Config, data, seq_id: int, flags: StateFlags) -> Memory:
     kind = _kind(mem, cfg)
-    flags = StateFlags(flags)
+    flags = _check_flags(flags)
     try:
         view = memoryview(data).cast("B")
     except TypeError as e:
         raise _Bad(f"data must be bytes-like, got {type(data).__name__}") from e
-    if isinstance(seq_id, bool) or not isinstance(seq_id, int | np.integer):
-        raise _Bad(f"seq_id must be an int, got {seq_id!r}")
+    if isinstance(seq_id, bool | np.bool_) or not isinstance(seq_id, int | np.integer):
+        raise InvalidTypeError(f"seq_id must be an int, got {seq_id!r}")  # §15.6: raised
     if not -1 <= seq_id < _n_seq_max(cfg):
         raise _Bad(f"seq_id must be -1 (all) or in [0, {_n_seq_max(cfg)}), got {seq_id}")
     if len(view) < 4:
@@ -915,15 +955,69 @@ def _read(mem: Memory, cfg: Config, data, seq_id: int, flags: StateFlags) -> Mem
     recr_rec = _parse_recurrent(r, recr[1], per_seq, snapshots) if recr is not None else None
     if r.left:
         raise _Bad(f"{r.left} unexpected bytes after the records")
-    # Everything is parsed and checked; placement may still fail (no room), so plan both parts
-    # before building either (the KV plan raises before any device work).
-    new_kv = _restore_kv(*kv, kv_rec, seq_id) if kv is not None else None
-    new_recr = _restore_recurrent(*recr, recr_rec, seq_id) if recr is not None else None
+    # Everything is parsed and checked; placement may still fail (no room), and a hybrid's two
+    # parts must agree afterwards, so both are planned on host copies before any device work.
+    kv_plan = _plan_kv(*kv, kv_rec, seq_id) if kv is not None else None
+    recr_plan = _plan_recurrent(*recr, recr_rec, seq_id) if recr is not None else None
+    trims: dict[int, int] = {}
+    if isinstance(mem, HybridMemory):
+        trims = _check_agreement(mem, cfg, kv_plan, recr_plan, seq_id)
+    new_kv = _restore_kv(kv[0], kv_plan) if kv is not None else None
+    new_recr = _restore_recurrent(recr[0], recr_rec, recr_plan) if recr is not None else None
     if isinstance(mem, KVCache):
         return new_kv
     if isinstance(mem, RecurrentMemory):
         return new_recr
-    return HybridMemory(mem.kv if new_kv is None else new_kv, new_recr)
+    new_kv = mem.kv if new_kv is None else new_kv
+    for s, p in trims.items():  # PARTIAL_ONLY: attention positions after each restored state
+        new_kv, _ = kv_seq_rm(new_kv, s, p + 1, -1, cfg.kv)
+    return HybridMemory(new_kv, new_recr)
+
+
+def _check_agreement(
+    mem: HybridMemory,
+    cfg: HybridConfig,
+    kv_plan: _KVPlan | None,
+    recr_plan: _RecurrentPlan,
+    seq_id: int,
+) -> dict[int, int]:
+    """Refuses a hybrid restore that would leave a sequence whose parts disagree (§15.1).
+
+    With both records, each restored sequence's last attention position must be its state's.
+    With ``PARTIAL_ONLY`` (``kv_plan`` None) the attention part stays, so a restored state at
+    ``P`` needs the sequence to hold position ``P`` there, and its positions after ``P`` are
+    removed as :func:`~jaxhybrid.restore_checkpoint` does (difference 19); a sequence restored
+    without a state must hold no attention cells. Returns those trims, ``{seq: P}``.
+    """
+    if kv_plan is None:
+        cur = jax.device_get(mem.kv.cells)
+        kv_pos, kv_seq = np.asarray(cur.pos), np.asarray(cur.seq)
+    else:
+        kv_pos, kv_seq = kv_plan.pos, kv_plan.seq
+    trims = {}
+    for s in range(cfg.n_seq_max) if seq_id == -1 else (seq_id,):
+        held = kv_pos[kv_seq[..., s]]
+        t = int(recr_plan.tail[s])
+        state = int(recr_plan.pos[t]) if t >= 0 else -1
+        last = int(held.max()) if held.size else -1
+        if kv_plan is not None and last != state:
+            raise _Bad(
+                f"sequence {s}: the attention record ends at position {last} but the recurrent "
+                f"state is at {state}; the two parts must agree (§15.1)"
+            )
+        if kv_plan is None and state >= 0 and not np.any(held == state):
+            raise _Bad(
+                f"sequence {s}: the saved state is at position {state}, which the attention "
+                f"part does not hold (it holds {held.size} cells, last {last}; §15.1)"
+            )
+        if kv_plan is None and state < 0 and held.size:
+            raise _Bad(
+                f"sequence {s}: the blob holds no state for it, but the attention part holds "
+                f"{held.size} cells (§15.1)"
+            )
+        if kv_plan is None and state >= 0 and last > state:
+            trims[s] = state
+    return trims
 
 
 def state_read(
@@ -941,7 +1035,11 @@ def state_read(
     replaced by the stored ones, placed in free cells of its stream.
 
     Transactional: on any failure the memory given is returned unchanged together with a status
-    saying what is wrong; nothing raises for bad blob contents (see :func:`load_state`).
+    saying what is wrong; nothing raises for bad blob contents (see :func:`load_state`). A hybrid
+    restore is refused when it would leave a sequence whose two parts disagree (§15.1; with
+    ``PARTIAL_ONLY`` the sequence's attention positions after the restored state are removed,
+    difference 19). Arguments of the wrong type (``seq_id``, ``flags``, a memory or config that do
+    not match) raise ``InvalidTypeError`` / ``InvalidArgumentError`` instead.
 
     Args:
         mem: the memory to restore into (its type and config must match the blob's).
@@ -987,6 +1085,61 @@ def load_state(
 # Files (§9.7: magic, version, the caller's token list, then the memory record)
 
 
+def _max_record_bytes(
+    n_cells: int, n_seq: int, n_layers: int, row_bytes: Sequence[int], n_snapshots: int = 0
+) -> int:
+    """The largest record of §9.2 / §9.4 over ``n_cells`` cells, each held by all ``n_seq``
+    sequences: ``i32 pos, u32 n, i32 ids[n]`` per cell, ``u32 trans, u32 n_layers``, then per
+    buffer and layer ``i32 type, u64 row_bytes`` and the rows; with snapshots also ``u32 H``,
+    ``i32 snap[H]`` per cell and ``H`` rows per cell of every buffer and layer."""
+    out = n_cells * (8 + 4 * n_seq) + 8 + sum(n_layers * (12 + n_cells * r) for r in row_bytes)
+    if n_snapshots:
+        out += 4 + 4 * n_cells * n_snapshots
+        out += sum(n_layers * (12 + n_cells * n_snapshots * r) for r in row_bytes)
+    return out
+
+
+def _max_file_bytes(cfg: Config, n_tokens: int) -> int:
+    """The largest state file of a memory of ``cfg`` holding ``n_tokens`` tokens: the file
+    header and the tokens, then the largest blob (whole memory, every cell held by every
+    sequence, snapshots and the longest description the reader accepts)."""
+    kv = cfg if isinstance(cfg, KVConfig) else getattr(cfg, "kv", None)
+    recr = cfg if isinstance(cfg, RecurrentConfig) else getattr(cfg, "recurrent", None)
+    blob = 4 + 5 * 4 + _MAX_DESC_BYTES + 4  # magic, version..desc length, desc, crc
+    if kv is not None:
+        heads = kv.n_kv_heads
+        rows = (
+            heads * kv.head_dim_k * np.dtype(kv.dtype_k).itemsize,
+            heads * kv.head_dim_v * np.dtype(kv.dtype_v).itemsize,
+        )
+        per_stream = 4 + _max_record_bytes(kv.kv_size, kv.n_seq_max, kv.n_layers, rows)
+        blob += 4 + kv.n_stream * per_stream
+    if recr is not None:
+        rows = (
+            functools.reduce(int.__mul__, recr.r_shape, 1) * np.dtype(recr.dtype_r).itemsize,
+            functools.reduce(int.__mul__, recr.s_shape, 1) * np.dtype(recr.dtype_s).itemsize,
+        )
+        blob += 4 + _max_record_bytes(
+            recr.rs_size, recr.n_seq_max, recr.n_layers, rows, recr.n_snapshots
+        )
+    return 12 + 4 * n_tokens + blob
+
+
+def _file_path(path, what: str) -> str:
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise InvalidTypeError(
+            f"{what} must be a str or os.PathLike, got {type(path).__name__}"
+        ) from None
+
+
+def _file_args(mem: Memory, cfg: Config, seq_id, flags) -> tuple[int, StateFlags]:
+    """The memory, ``seq_id`` and ``flags`` of a state file call, checked before any I/O."""
+    _kind(mem, cfg)
+    return _check_seq(seq_id, _n_seq_max(cfg)), _check_flags(flags)
+
+
 def save_state_file(
     path: str | os.PathLike,
     mem: Memory,
@@ -997,18 +1150,75 @@ def save_state_file(
     flags: StateFlags | int = StateFlags.NONE,
 ) -> int:
     """Writes ``tokens`` (the caller's token history, kept beside the state as llama.cpp's
-    session files do) and the state blob to ``path``, atomically. Returns the bytes written."""
-    toks = np.asarray(tokens, np.int64)
-    if toks.ndim != 1 or np.any((toks < np.iinfo(np.int32).min) | (toks > np.iinfo(np.int32).max)):
-        raise InvalidArgumentError("tokens must be a 1-D sequence of int32 values")
+    session files do) and the state blob to ``path``, atomically. Returns the bytes written.
+
+    The file is written under a new temporary name in the same folder, then renamed over
+    ``path``: a failure leaves ``path`` as it was and removes the temporary file (§15.5).
+    ``path`` must be a regular file or not exist yet. A symbolic link is refused rather than
+    replaced (the rename would replace the link itself, not its target; give the target's path
+    instead), and so are devices, FIFOs and folders.
+
+    Raises:
+        InvalidTypeError: ``path`` is not a path, or ``tokens`` holds something other than
+            integers (never converted, §15.6).
+        InvalidArgumentError: ``path`` is a link or not a regular file, ``tokens`` is not 1-D or
+            holds a value outside int32, or a bad ``seq_id`` / ``flags`` (see
+            :func:`state_write`).
+        StateError: the file cannot be written (the message has the system's reason).
+    """
+    import contextlib
+    import stat
+    import uuid
+
+    from jaxhybrid._batch import _int_array
+
+    dst = _file_path(path, "path")
+    seq_id, flags = _file_args(mem, cfg, seq_id, flags)
+    try:
+        st = os.lstat(dst)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise StateError(f"cannot write {dst!r}: {e.strerror}") from e
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise InvalidArgumentError(
+            f"{dst!r} is a symbolic link; save_state_file replaces files and would replace the "
+            "link, not its target: give the target's path"
+        )
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise InvalidArgumentError(f"{dst!r} is not a regular file (a folder, device or FIFO)")
+    if isinstance(tokens, str | bytes):
+        raise InvalidTypeError(
+            f"tokens must be a sequence of integers, got {type(tokens).__name__}"
+        )
+    ndim = np.ndim(tokens) if isinstance(tokens, np.ndarray | jax.Array) else None
+    if ndim is None:
+        ndim = np.asarray(tokens, dtype=object).ndim
+    if ndim != 1:
+        raise InvalidArgumentError(f"tokens must be 1-D, got {ndim} dimensions")
+    toks = _int_array(tokens, "tokens")
     blob = state_write(mem, cfg, seq_id, flags=flags)
     head = FILE_MAGIC + struct.pack("<II", FORMAT_VERSION, len(toks))
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(head)
-        f.write(toks.astype("<i4").tobytes())
-        f.write(blob)
-    os.replace(tmp, path)
+    # A fresh name, created exclusively (never through an existing file or link).
+    tmp = f"{dst}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:
+        raise StateError(f"cannot write {dst!r}: {e.strerror}") from e
+    try:
+        with open(fd, "wb") as f:
+            f.write(head)
+            f.write(toks.astype("<i4").tobytes())
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # the first error is the one to report
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise StateError(f"cannot write {dst!r}: {e.strerror or e}") from e
+        raise
     return len(head) + 4 * len(toks) + len(blob)
 
 
@@ -1022,25 +1232,54 @@ def load_state_file(
 ) -> tuple[Memory, np.ndarray]:
     """Reads a file of :func:`save_state_file`: returns ``(memory, tokens)``.
 
+    Only a regular file is read (a FIFO or a device is refused without waiting on it), and only
+    if its size fits what a memory of ``cfg`` can produce with the token count its header
+    announces; nothing larger is read into memory.
+
     Raises:
-        StateError: the file is not a state file or its state cannot be restored (the memory
-            given is untouched).
-        OSError: the file cannot be read.
+        InvalidTypeError: ``path``, ``mem``, ``cfg``, ``seq_id`` or ``flags`` has the wrong
+            type.
+        InvalidArgumentError: ``seq_id`` out of range, or unknown ``flags`` bits.
+        StateError: the file cannot be read, is not a regular file, is larger than any state
+            file of this memory, is not a state file, or its state cannot be restored (the
+            memory given is untouched).
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 12 or data[:4] != FILE_MAGIC:
-        raise StateError(f"{os.fspath(path)!r} is not a jaxhybrid state file")
-    version, n_tokens = struct.unpack_from("<II", data, 4)
-    if version != FORMAT_VERSION:
-        raise StateError(
-            f"{os.fspath(path)!r} has format version {version}, expected {FORMAT_VERSION}"
-        )
+    import stat
+
+    src = _file_path(path, "path")
+    seq_id, flags = _file_args(mem, cfg, seq_id, flags)
+    try:
+        # Checked before opening: opening a FIFO waits for a writer.
+        if not stat.S_ISREG(os.stat(src).st_mode):
+            raise StateError(f"{src!r} is not a regular file")
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise StateError(f"cannot read {src!r}: {e.strerror}") from e
+    with open(fd, "rb") as f:
+        try:
+            size = os.fstat(fd).st_size
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the check above
+                raise StateError(f"{src!r} is not a regular file")
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != FILE_MAGIC:
+                raise StateError(f"{src!r} is not a jaxhybrid state file")
+            version, n_tokens = struct.unpack_from("<II", head, 4)
+            if version != FORMAT_VERSION:
+                raise StateError(f"{src!r} has format version {version}, expected {FORMAT_VERSION}")
+            limit = _max_file_bytes(cfg, n_tokens)
+            if size > limit:
+                raise StateError(
+                    f"{src!r} has {size} bytes; a state file of this memory with {n_tokens} "
+                    f"tokens has at most {limit} bytes"
+                )
+            data = head + f.read(size - 12)
+        except OSError as e:
+            raise StateError(f"cannot read {src!r}: {e.strerror}") from e
     if 12 + 4 * n_tokens > len(data):
-        raise StateError(f"{os.fspath(path)!r} is truncated: it announces {n_tokens} tokens")
+        raise StateError(f"{src!r} is truncated: it announces {n_tokens} tokens")
     tokens = np.frombuffer(data, "<i4", n_tokens, 12).astype(np.int32)
     blob = memoryview(data)[12 + 4 * n_tokens :]
     try:
         return load_state(mem, cfg, blob, seq_id, flags=flags), tokens
     except StateError as e:
-        raise StateError(f"{os.fspath(path)!r}: {e}") from None
+        raise StateError(f"{src!r}: {e}") from None

@@ -138,13 +138,13 @@ def _check_invariants(mem: jh.HybridMemory, cfg: jh.HybridConfig) -> None:
     if not cfg.kv.unified:
         own = np.eye(cfg.n_seq_max, dtype=bool)[:, None, :]
         assert not np.any(seqs & ~own)
-    for q in range(cfg.n_seq_max):
-        st, c = np.nonzero(seqs[:, :, q])
-        held = pos[st, c]
-        assert len(np.unique(held)) == len(held), f"seq {q} holds a position twice"
     rpos, rseqs, tail = jax.device_get(
         (mem.recurrent.cells.pos, mem.recurrent.cells.seq, mem.recurrent.cells.tail)
     )
+    for q in range(cfg.n_seq_max):  # §15.1 (one position may sit in several cells, §9.3.5)
+        held = pos[seqs[:, :, q]]
+        last = int(held.max()) if held.size else -1
+        assert last == (int(rpos[tail[q]]) if tail[q] >= 0 else -1), f"seq {q}: parts disagree"
     assert np.all((rpos < 0) == ~np.any(rseqs, axis=1))
     assert np.all(np.sum(rseqs, axis=0) <= 1)
     for q in range(cfg.n_seq_max):
@@ -250,15 +250,21 @@ def test_partial_only_saves_and_restores_the_recurrent_part():
     full = jh.state_write(mem, cfg, 2)
     part = jh.state_write(mem, cfg, 2, flags=jh.StateFlags.PARTIAL_ONLY)
     # The partial blob is the full one without the attention record
-    k_bytes = int(np.asarray(_ranges(mem, cfg)[1])[2] + 1) * 2 * hm.N_KV * hm.HD * 4
+    last = int(np.asarray(_ranges(mem, cfg)[1])[2])
+    k_bytes = (last + 1) * 2 * hm.N_KV * hm.HD * 4
     assert len(full) - len(part) >= k_bytes
-    # Restoring it changes only the recurrent part of the destination
-    target = _filled(cfg, params, seed=8)
-    restored, status = jh.state_read(target, cfg, part, 1, flags=jh.StateFlags.PARTIAL_ONLY)
+    # Restoring it into the same history two tokens later (a context checkpoint, §9.5) restores
+    # the state and removes the attention positions after it; other sequences are untouched
+    target = _decode(cfg, params, mem, [3, 4], [2, 2])[1]
+    restored, status = jh.state_read(target, cfg, part, 2, flags=jh.StateFlags.PARTIAL_ONLY)
     assert status.ok, status.message
-    assert _trees_equal(restored.kv, target.kv)
-    got = _recurrent_content(restored.recurrent, cfg.recurrent)[1]
-    assert got[:3] == _recurrent_content(mem.recurrent, cfg.recurrent)[2][:3]
+    assert _kv_content(restored.kv, cfg.kv) == _kv_content(mem.kv, cfg.kv)
+    got = _recurrent_content(restored.recurrent, cfg.recurrent)[2]
+    assert got == _recurrent_content(mem.recurrent, cfg.recurrent)[2]
+    # A sequence that does not hold the state's position cannot take it (§15.1)
+    empty = jh.init_hybrid(cfg)
+    other, status = jh.state_read(empty, cfg, part, 2, flags=jh.StateFlags.PARTIAL_ONLY)
+    assert other is empty and "§15.1" in status.message
     # Reading with other flags than it was written with is refused
     same, status = jh.state_read(target, cfg, part, 1)
     assert same is target and "flags" in status.message
@@ -387,8 +393,10 @@ def test_crafted_records_are_refused():
     off = _desc_end(bytes(blob)) + 8 + 12  # second cell's position
     assert struct.unpack_from("<i", blob, off)[0] == 1
     struct.pack_into("<i", blob, off, 0)
-    _, status = jh.state_read(cache, kv_cfg, _reseal(bytes(blob) + b"\0\0\0\0"))
-    assert "holds position 0 in two cells" in status.message
+    # One position in two cells of a sequence is what seq_div makes (as in llama.cpp): such a
+    # record restores (§9.3.5)
+    got, status = jh.state_read(cache, kv_cfg, _reseal(bytes(blob) + b"\0\0\0\0"))
+    assert status.ok and np.asarray(got.cells.pos)[0, :2].tolist() == [0, 0]
     # A 2-cell sequence into a cache of 1 cell, or of 4 cells with 3 held by another sequence
     two = jh.state_write(cache, kv_cfg, 0)
     small_cfg = dataclasses.replace(kv_cfg, kv_size=1)
