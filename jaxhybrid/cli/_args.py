@@ -1,14 +1,33 @@
-"""The demo's command line and the checks of its input (flags, sizes, the plot's file)."""
+"""The demo's command line and the checks of its input (flags, sizes, the plot's file).
+
+Everything is checked before any work: integer flags lie in int32 (the engine stores them so),
+the plot's file name is a PNG's, and the sizes fit what the session's memory allows (its cells
+are indexed by int32, and its buffers must fit in the device's memory) before the model is
+loaded or anything is allocated.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import stat
+
+import jax
 
 import jaxhybrid as jh
 
-__all__ = ["DemoInputError", "build_parser", "check_plot_path", "check_sizes"]
+__all__ = [
+    "INT32_MAX",
+    "DemoInputError",
+    "build_parser",
+    "check_memory",
+    "check_plot_path",
+    "check_sizes",
+    "device_memory",
+]
+
+INT32_MAX = 2**31 - 1
 
 
 class DemoInputError(jh.InvalidArgumentError):
@@ -31,8 +50,23 @@ def _parsed(convert, ok, expected: str):
     return parse
 
 
-_positive = _parsed(int, lambda v: v >= 1, "a positive integer")
-_non_negative = _parsed(int, lambda v: v >= 0, "an integer >= 0")
+def _int_at_least(low: int, expected: str):
+    """An argparse ``type``: an integer in ``[low, INT32_MAX]``."""
+    at_least = _parsed(int, lambda v: v >= low, expected)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > INT32_MAX:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer in [{low}, {INT32_MAX}], got {value}"
+            )
+        return value
+
+    return parse
+
+
+_positive = _int_at_least(1, "a positive integer")
+_non_negative = _int_at_least(0, "an integer >= 0")
 _unit_interval = _parsed(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
 
@@ -44,6 +78,14 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {value}")
     return value
+
+
+def _png_file(text: str) -> str:
+    # matplotlib picks the format from the suffix: anything but .png would fail after the
+    # whole session has run.
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"expected a file name ending in .png, got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +208,7 @@ def _add_output_flags(o) -> None:
     o.add_argument(
         "--plot",
         metavar="FILE",
+        type=_png_file,
         help="write a PNG of the memory after every phase: KV cells x sequences (colour = "
         "position) and recurrent cells x sequences",
     )
@@ -179,12 +222,17 @@ def _add_output_flags(o) -> None:
 
 
 def check_plot_path(args: argparse.Namespace) -> None:
-    """Refuses a ``--plot`` file that cannot be written: no folder, or no matplotlib."""
+    """Refuses a ``--plot`` file that cannot be written: no folder, a folder or another
+    non-regular file in its place (a FIFO would block the writer), or no matplotlib."""
     if args.plot is None:
         return
     folder = os.path.dirname(os.path.abspath(args.plot))
     if not os.path.isdir(folder):
         raise DemoInputError(f"--plot {args.plot}: folder {folder} does not exist")
+    if os.path.isdir(args.plot):
+        raise DemoInputError(f"--plot {args.plot} is a directory")
+    if os.path.exists(args.plot) and not stat.S_ISREG(os.stat(args.plot).st_mode):
+        raise DemoInputError(f"--plot {args.plot} is not a regular file")
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
@@ -193,8 +241,12 @@ def check_plot_path(args: argparse.Namespace) -> None:
         ) from e
 
 
-def check_sizes(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[int, int]:
-    """Refuses sizes the session cannot run with; returns ``(n_seq, kv_size)``."""
+def check_sizes(args: argparse.Namespace, longest: int | None = None) -> tuple[int, int]:
+    """Refuses sizes the session cannot run with; returns ``(n_seq, kv_size)``.
+
+    ``longest`` is the longest prompt when it is known (``--prompt-len`` for random prompts,
+    else the tokenized texts'); these are flags only, checked before anything is allocated.
+    """
     r = args.requests
     if r < 3:
         raise DemoInputError(
@@ -208,8 +260,7 @@ def check_sizes(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[int
             f"and request 0 is forked while all {r} run, so the session needs {r + 1} sequence "
             f"ids; use --n-seq {r + 1} or --requests {n_seq - 1}"
         )
-    longest = max(len(p) for p in prompts)
-    if longest >= args.ctx:
+    if longest is not None and longest >= args.ctx:
         raise DemoInputError(
             f"--ctx {args.ctx} is too small for a prompt of {longest} tokens: a sequence needs "
             f"at least {longest + 1} positions (prompt + one generated token)"
@@ -219,7 +270,48 @@ def check_sizes(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[int
             f"--n-keep {args.n_keep} leaves nothing to drop in a context shift: it must be at "
             f"most --ctx - 2 = {args.ctx - 2}"
         )
-    return n_seq, _kv_size(args, n_seq)
+    kv_size = _kv_size(args, n_seq)
+    cells = kv_size * (n_seq if args.kv_per_seq else 1)
+    if cells > INT32_MAX:
+        raise DemoInputError(
+            f"--n-seq {n_seq} and --ctx {args.ctx} need {cells} KV cells, more than "
+            f"{INT32_MAX} KV cells (cells are indexed by int32); lower --ctx, --n-seq or "
+            "--kv-size"
+        )
+    if args.n_ubatch > cells:
+        raise DemoInputError(
+            f"--n-ubatch {args.n_ubatch} is larger than the KV cache ({cells} cells): a ubatch "
+            "never holds more tokens than the cache has cells"
+        )
+    return n_seq, kv_size
+
+
+def device_memory() -> tuple[int, str]:
+    """``(bytes, what)``: the memory of the first device (its allocator's limit), or the
+    machine's RAM where the device reports none (the CPU)."""
+    device = jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except (RuntimeError, NotImplementedError):  # XLA runtime errors are RuntimeErrors
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.platform}:{device.id}"
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's RAM"
+
+
+def check_memory(cfg: jh.HybridConfig) -> int:
+    """Refuses a memory whose buffers (KV cache, recurrent states, cell metadata) do not fit in
+    the device; returns their bytes. Computed from shapes only: nothing is allocated."""
+    shapes = jax.eval_shape(lambda: jh.init_hybrid(cfg))
+    need = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+    limit, where = device_memory()
+    if need > limit:
+        raise DemoInputError(
+            f"the session's memory needs {need} bytes (KV cache and recurrent states of "
+            f"{cfg.kv.n_stream * cfg.kv.kv_size} KV cells and {cfg.recurrent.n_seq_max} "
+            f"sequences) but {where} has {limit} bytes; lower --ctx, --n-seq or --kv-size"
+        )
+    return need
 
 
 def _kv_size(args: argparse.Namespace, n_seq: int) -> int:

@@ -10,10 +10,11 @@ import os
 
 import numpy as np
 
+import jaxhybrid as jh
 from jaxhybrid.cli._args import DemoInputError
 from jaxhybrid.models import JambaConfig, JambaModel, init_jamba, load_jamba
 
-__all__ = ["TINY_JAMBA", "DemoModel", "load_model", "make_prompts"]
+__all__ = ["TINY_JAMBA", "DemoModel", "load_model", "make_prompts", "model_config"]
 
 # The default model: a tiny Jamba (attention at layers 1 and 3, MoE at layers 1 and 3, GQA) with
 # seeded random weights, so the demo needs no download.
@@ -61,41 +62,72 @@ class DemoModel:
     name: str
 
 
-def load_model(args: argparse.Namespace) -> DemoModel:
-    """The tiny seeded Jamba, or the checkpoint of ``--model DIR`` (with its tokenizer)."""
+def model_config(args: argparse.Namespace) -> tuple[JambaConfig, tuple[int, ...]]:
+    """The model's config and stop tokens, read and checked without loading any weights."""
     if args.model is None:
-        config = JambaConfig(**TINY_JAMBA, dtype=args.dtype)
-        params = init_jamba(config, seed=args.seed)
-        name = f"tiny Jamba (seeded random weights, {args.dtype})"
-        return DemoModel(config, JambaModel(config), params, None, (), name)
+        return JambaConfig(**TINY_JAMBA, dtype=args.dtype), ()
     path = args.model
     if not os.path.isdir(path):
         raise DemoInputError(f"--model {path}: no such directory")
     cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
+    if not os.path.lexists(cfg_file):
         raise DemoInputError(
             f"--model {path}: no config.json; expected a Hugging Face Jamba checkpoint directory "
             "(config.json and *.safetensors)"
         )
-    from safetensors import SafetensorError
+    try:
+        config = JambaConfig.from_hf(path, dtype=args.dtype)
+        # from_hf has checked that config.json is a regular file holding a JSON object.
+        with open(cfg_file, "rb") as f:
+            hf = json.load(f)
+    except (jh.JaxHybridError, OSError, ValueError) as e:
+        raise DemoInputError(f"--model {path}: {e}") from e
+    return config, _stop_tokens(path, hf, config.vocab_size)
 
+
+def _stop_tokens(path: str, hf: dict, n_vocab: int) -> tuple[int, ...]:
+    """``eos_token_id`` of config.json (an int, a list of ints or null), never converted."""
+    eos = hf.get("eos_token_id") if isinstance(hf, dict) else None
+    if eos is None:
+        return ()
+    items = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        raise DemoInputError(
+            f"--model {path}: config.json eos_token_id must be an int or a list of ints, "
+            f"got {eos!r}"
+        )
+    for t in items:
+        if not 0 <= t < n_vocab:
+            raise DemoInputError(
+                f"--model {path}: config.json eos_token_id {t} is outside the vocabulary "
+                f"[0, {n_vocab})"
+            )
+    return tuple(items)
+
+
+def load_model(args: argparse.Namespace) -> DemoModel:
+    """The tiny seeded Jamba, or the checkpoint of ``--model DIR`` (with its tokenizer)."""
+    config, stop = model_config(args)
+    if args.model is None:
+        params = init_jamba(config, seed=args.seed)
+        name = f"tiny Jamba (seeded random weights, {args.dtype})"
+        return DemoModel(config, JambaModel(config), params, None, (), name)
+    path = args.model
+    tokenizer = _load_tokenizer(path)
     try:
         config, params = load_jamba(path, dtype=args.dtype)
-        with open(cfg_file) as f:
-            hf = json.load(f)
-    except (ValueError, OSError, KeyError, TypeError, SafetensorError) as e:
+    except (jh.JaxHybridError, OSError) as e:
         raise DemoInputError(f"--model {path}: {e}") from e
-    eos = hf.get("eos_token_id")
-    stop = () if eos is None else tuple(int(t) for t in np.atleast_1d(eos))
-    tokenizer = _load_tokenizer(path)
     return DemoModel(config, JambaModel(config), params, tokenizer, stop, f"{path} ({args.dtype})")
 
 
 def _load_tokenizer(path: str):
     """The checkpoint's ``tokenizer.json``, or None when it has none."""
     tok_file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tok_file):
+    if not os.path.lexists(tok_file):
         return None
+    if not os.path.isfile(tok_file):  # a FIFO would block the reader
+        raise DemoInputError(f"--model {path}: tokenizer.json is not a regular file")
     try:
         from tokenizers import Tokenizer
     except ImportError as e:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-from jaxhybrid.cli._args import check_sizes
+from jaxhybrid.cli._args import INT32_MAX, check_memory, check_sizes
 from jaxhybrid.cli._model import DemoModel, make_prompts
 from jaxhybrid.cli._report import (
     DemoResult,
@@ -25,7 +25,7 @@ from jaxhybrid.cli._report import (
 )
 from jaxhybrid.serving import Engine, EngineError, MemoryUsage
 
-__all__ = ["PHASES", "Lap", "make_engine", "run_session", "timed"]
+__all__ = ["PHASES", "Lap", "make_engine", "plan_memory", "run_session", "timed"]
 
 PHASES = ("compile", "join", "decode", "fork", "cancel", "save/restore", "drain")
 
@@ -147,7 +147,8 @@ def _fork(s: _Session, ph: PhaseStats, parent: int) -> None:
     """The fork shares the parent's cells and state (``seq_cp``), then both go on."""
     if s.eng.requests[parent].seq >= 0:
         with timed(ph):
-            child = s.eng.fork(parent, seed=s.args.seed + 1000)
+            # Another seed than the parent's, inside int32 whatever --seed is.
+            child = s.eng.fork(parent, seed=(s.args.seed + 1000) % (INT32_MAX + 1))
         rc, rp = s.eng.requests[child], s.eng.requests[parent]
         ph.note = (
             f"request {parent} (seq {rp.seq}) forked into request {child} (seq {rc.seq}) "
@@ -224,11 +225,24 @@ def _drain(s: _Session, ph: PhaseStats) -> None:
     _end(s, ph)
 
 
+def plan_memory(args: argparse.Namespace, memory_config, longest: int | None):
+    """Checks the sizes (``longest``: the longest prompt if known) and that the memory fits in
+    the device, before anything is allocated; returns ``(n_seq, kv_size, cfg)``.
+    ``memory_config`` is the plug-in's (:meth:`~jaxhybrid.models.JambaModel.memory_config`)."""
+    n_seq, kv_size = check_sizes(args, longest)
+    cfg = memory_config(kv_size=kv_size, n_seq_max=n_seq, unified=not args.kv_per_seq)
+    check_memory(cfg)
+    return n_seq, kv_size, cfg
+
+
 def run_session(args: argparse.Namespace, mdl: DemoModel, out: TextIO = sys.stdout) -> DemoResult:
     """Runs the scripted session (see :mod:`jaxhybrid.cli`) and prints its progress."""
+    # Random prompts are at most --prompt-len long: checked before they are drawn.
+    random_prompts = mdl.tokenizer is None and not args.prompt
+    longest = args.prompt_len if random_prompts else None
+    n_seq, kv_size, cfg = plan_memory(args, mdl.plugin.memory_config, longest)
     prompts = make_prompts(args, mdl, args.requests + 1)
-    n_seq, kv_size = check_sizes(args, prompts)
-    cfg = mdl.plugin.memory_config(kv_size=kv_size, n_seq_max=n_seq, unified=not args.kv_per_seq)
+    check_sizes(args, max(len(p) for p in prompts))
     # Prompts are decoded in chunks of a static width: a multiple of 16 compiles once for
     # every prompt length up to it.
     n_prompt = -(-max(len(p) for p in prompts) // 16) * 16

@@ -4,23 +4,28 @@ The directory holds ``config.json`` and one or several ``*.safetensors`` files (
 checkpoint lists its files in ``model.safetensors.index.json``). Tensor names and layouts are those
 of ``JambaForCausalLM.save_pretrained`` and of the published AI21 checkpoints: one tensor per
 expert (``feed_forward.experts.{e}.gate_proj.weight``), ``nn.Linear`` weights ``[out, in]``, conv
-weights ``[d_inner, 1, d_conv]``. Every tensor is checked by name and shape before anything is
-converted.
+weights ``[d_inner, 1, d_conv]``. Every tensor is checked by name, shape and dtype before
+anything is converted, and every value for being finite as it is converted.
+
+Nothing is read or allocated before the input is known to fit: the files must be regular files
+(see :mod:`jaxhybrid.models._hf_files`), and the parameters ``config.json`` describes must fit in
+the checkpoint's bytes (at two bytes each, the narrowest float dtype) before the tensor table and
+the model are built, so a config of a million layers or ten million experts is refused at once.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 import jaxhybrid as jh
+from jaxhybrid.models._hf_files import check_regular_file, read_json_object
 from jaxhybrid.models.jamba import Jamba, JambaConfig
 
 __all__ = ["hf_tensor_shapes", "load_jamba"]
@@ -98,16 +103,158 @@ def hf_tensor_shapes(config: JambaConfig) -> dict[str, tuple[int, ...]]:
     return {name: slot.shape for name, slot in _slots(config).items()}
 
 
+# safetensors dtype names of floating tensors (the narrowest is 2 bytes).
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_MIN_PARAM_BYTES = 2
+
+# The config fields that set the parameter count.
+_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "mamba_d_state",
+    "mamba_d_conv",
+    "mamba_expand",
+    "mamba_dt_rank",
+)
+
+
+def _n_matching(n: int, period: int, offset: int) -> int:
+    """How many ``i`` in ``[0, n)`` have ``i % period == offset`` (``offset < period``)."""
+    return 0 if offset >= n else (n - 1 - offset) // period + 1
+
+
+def _n_params(config: JambaConfig) -> int:
+    """The number of parameters of ``config``'s checkpoint, in closed form (the count of
+    :func:`hf_tensor_shapes`, without building its table)."""
+    c = config
+    h, f, d, n, r, hd = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.d_inner,
+        c.mamba_d_state,
+        c.mamba_dt_rank,
+        c.head_dim,
+    )
+    n_layers = c.num_hidden_layers
+    n_attn = _n_matching(n_layers, c.attn_layer_period, c.attn_layer_offset)
+    n_moe = (
+        _n_matching(n_layers, c.expert_layer_period, c.expert_layer_offset)
+        if c.num_experts > 1
+        else 0
+    )
+    attn = 2 * h * c.num_attention_heads * hd + 2 * h * c.num_key_value_heads * hd
+    mamba = (
+        2 * d * h  # in_proj
+        + d * c.mamba_d_conv  # conv1d
+        + (r + 2 * n) * d  # x_proj
+        + d * r
+        + d  # dt_proj and its bias
+        + d * n
+        + d  # A_log, D
+        + h * d  # out_proj
+        + r
+        + 2 * n  # dt, B and C norms
+        + (2 * d + h if c.mamba_proj_bias else 0)
+        + (d if c.mamba_conv_bias else 0)
+    )
+    moe = c.num_experts * h + 3 * c.num_experts * f * h
+    dense = 3 * f * h
+    embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
+    return (
+        embed
+        + h  # final norm
+        + n_layers * 2 * h  # two norms per layer
+        + n_attn * attn
+        + (n_layers - n_attn) * mamba
+        + n_moe * moe
+        + (n_layers - n_moe) * dense
+    )
+
+
 def _checkpoint_files(path: str) -> list[str]:
+    """The checkpoint's files (those its shard index names, or every ``*.safetensors``), each a
+    regular file inside ``path``."""
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if os.path.lexists(index):
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise jh.InvalidArgumentError(
+                f"{index}: 'weight_map' must be a JSON object of tensor name -> file name, got "
+                f"{type(weight_map).__name__}"
+            )
+        names = set()
+        for tensor, name in weight_map.items():
+            if (
+                not isinstance(name, str)
+                or name in ("", ".", "..")
+                or os.path.basename(name) != name
+            ):
+                raise jh.InvalidArgumentError(
+                    f"{index}: the file of tensor {tensor!r} is {name!r}, not a file name in {path}"
+                )
+            names.add(name)
+        files = [os.path.join(path, name) for name in sorted(names)]
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise jh.InvalidArgumentError(f"no *.safetensors file in {path}")
+    for file in files:
+        check_regular_file(file)
     return files
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise jh.InvalidArgumentError(f"cannot read {file}: {e}") from None
+
+
+def _read_headers(files: list[str]) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """``(file, name, shape, dtype)`` of every tensor, from the files' headers only."""
+    out = []
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                sl = f.get_slice(name)
+                out.append((file, name, tuple(sl.get_shape()), sl.get_dtype()))
+    return out
+
+
+def _tensor(f, file: str, name: str) -> np.ndarray:
+    """One tensor's values, refused if any is NaN or infinite."""
+    try:
+        x = f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise jh.InvalidArgumentError(f"cannot read tensor '{name}' of {file}: {e}") from None
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise jh.InvalidArgumentError(
+            f"{file}: tensor '{name}' holds {int(bad.sum())} non-finite values (NaN or "
+            f"infinity), the first at index {first}"
+        )
+    return x
+
+
+def _check_fits(config: JambaConfig, path: str, files: list[str]) -> None:
+    """Refuses a config that describes more parameters than the files can hold, before the
+    tensor table (one entry per tensor) or the model is built."""
+    n = _n_params(config)
+    disk = sum(os.path.getsize(file) for file in files)
+    if n * _MIN_PARAM_BYTES > disk:
+        sizes = ", ".join(f"{k}={getattr(config, k)}" for k in _SIZE_FIELDS)
+        raise jh.InvalidArgumentError(
+            f"{os.path.join(path, 'config.json')} ({sizes}) describes {n} parameters, but the "
+            f"checkpoint files hold {disk} bytes: room for at most {disk // _MIN_PARAM_BYTES} "
+            f"parameters of {_MIN_PARAM_BYTES} bytes (the narrowest float dtype)"
+        )
 
 
 def _param(model: Jamba, path: tuple) -> nnx.Variable:
@@ -128,32 +275,50 @@ def load_jamba(path: str | os.PathLike, dtype: str = "float32") -> tuple[JambaCo
         ``(config, model)``.
 
     Raises:
-        ValueError: the checkpoint lacks a tensor, holds one the model does not have, or holds one
-            of the wrong shape; the message lists every such tensor with its expected shape.
+        InvalidTypeError: ``path`` is not a path, or ``dtype`` or a config field has the wrong
+            type (see :meth:`JambaConfig.from_hf`).
+        InvalidArgumentError: a file is missing, unreadable or not a regular file; the config
+            is invalid or describes more parameters than the files can hold; the checkpoint
+            lacks a tensor, holds one the model does not have, or holds one of the wrong shape or
+            of a non-float dtype (the message lists every such tensor with its expected shape);
+            or a tensor holds NaN or infinity.
     """
-    path = os.fspath(path)
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise jh.InvalidTypeError(
+            f"path must be a str or os.PathLike, got {type(path).__name__}"
+        ) from None
+    if not os.path.isdir(path):
+        raise jh.InvalidArgumentError(f"{path} is not a directory")
     config = JambaConfig.from_hf(path, dtype=dtype)
+    files = _checkpoint_files(path)
+    headers = _read_headers(files)
+    _check_fits(config, path, files)
     slots = _slots(config)
     # lm_head.weight of a tied model is a copy of the embedding; accept it and ignore it.
     ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
 
     where: dict[str, str] = {}
     problems: list[str] = []
-    for file in _checkpoint_files(path):
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                shape = tuple(f.get_slice(name).get_shape())
-                if name in where:
-                    problems.append(f"tensor '{name}' appears in two files")
-                where[name] = file
-                if name in ignored:
-                    continue
-                if name not in slots:
-                    problems.append(f"unexpected tensor '{name}' with shape {shape}")
-                elif shape != slots[name].shape:
-                    problems.append(
-                        f"tensor '{name}' has shape {shape}, expected shape {slots[name].shape}"
-                    )
+    for file, name, shape, st_dtype in headers:
+        if name in where:
+            problems.append(f"tensor '{name}' appears in two files")
+        where[name] = file
+        if name in ignored:
+            continue
+        if name not in slots:
+            problems.append(f"unexpected tensor '{name}' with shape {shape}")
+            continue
+        if shape != slots[name].shape:
+            problems.append(
+                f"tensor '{name}' has shape {shape}, expected shape {slots[name].shape}"
+            )
+        if st_dtype not in _FLOAT_DTYPES:
+            problems.append(
+                f"tensor '{name}' has dtype {st_dtype}, expected a float dtype "
+                f"({', '.join(_FLOAT_DTYPES)})"
+            )
     for name, slot in slots.items():
         if name not in where:
             problems.append(f"missing tensor '{name}' (expected shape {slot.shape})")
@@ -169,10 +334,10 @@ def load_jamba(path: str | os.PathLike, dtype: str = "float32") -> tuple[JambaCo
     for name in slots:
         by_file.setdefault(where[name], []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, framework="numpy") as f:
+        with _open(file) as f:
             for name in names:
                 slot = slots[name]
-                x = f.get_tensor(name)
+                x = _tensor(f, file, name)
                 if slot.kind == "t":
                     x = x.T
                 elif slot.kind == "conv":

@@ -12,7 +12,6 @@ and C with their own RMSNorms.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from flax import nnx
 
 import jaxhybrid as jh
 from jaxhybrid.array_typing import Array, Bool, Float, Int
+from jaxhybrid.models._hf_files import read_json_object
 from jaxhybrid.models._mamba import Linear, MambaMixer, ParamInit, RMSNorm
 from jaxhybrid.models._protocol import ModelMemory
 
@@ -42,10 +42,47 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
+    """An int field: a float or a bool is refused, never converted (§15.6)."""
+    if not isinstance(value, int | np.integer) or isinstance(value, bool | np.bool_):
+        raise jh.InvalidTypeError(f"JambaConfig.{name} must be an int, got {value!r}")
+    if value < minimum:
         raise jh.InvalidArgumentError(
             f"JambaConfig.{name} must be an int >= {minimum}, got {value!r}"
         )
+
+
+def _check_bool(name: str, value) -> None:
+    # JSON has true/false: a "false" string or a 0 is a wrong type, not a truth value.
+    if not isinstance(value, bool | np.bool_):
+        raise jh.InvalidTypeError(f"JambaConfig.{name} must be a bool, got {value!r}")
+
+
+def _check_number(name: str, value, *, positive: bool) -> None:
+    if isinstance(value, bool | np.bool_) or not isinstance(
+        value, int | float | np.integer | np.floating
+    ):
+        raise jh.InvalidTypeError(f"JambaConfig.{name} must be a number, got {value!r}")
+    ok = value > 0 if positive else value >= 0
+    if not (ok and (isinstance(value, int | np.integer) or math.isfinite(value))):
+        bound = "> 0" if positive else ">= 0"
+        raise jh.InvalidArgumentError(
+            f"JambaConfig.{name} must be {bound} and finite, got {value!r}"
+        )
+
+
+def _dtype_name(dtype) -> str:
+    """``"float32"`` or ``"bfloat16"`` from a name or a dtype."""
+    try:
+        name = str(jnp.dtype(dtype))
+    except TypeError:
+        if not isinstance(dtype, str):
+            raise jh.InvalidTypeError(
+                f"dtype must be one of {sorted(_DTYPES)}, got {type(dtype).__name__} {dtype!r}"
+            ) from None
+        name = dtype
+    if name not in _DTYPES:
+        raise jh.InvalidArgumentError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +123,14 @@ class JambaConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        if self.mamba_dt_rank == "auto":
-            # transformers: ceil(hidden_size / 16).
-            object.__setattr__(self, "mamba_dt_rank", math.ceil(self.hidden_size / 16))
-        if self.head_dim is None and isinstance(self.hidden_size, int):
-            object.__setattr__(
-                self, "head_dim", self.hidden_size // max(self.num_attention_heads, 1)
-            )
+        # The sizes the derived fields come from are checked first.
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("num_attention_heads", self.num_attention_heads, 1)
+        if isinstance(self.mamba_dt_rank, str) and self.mamba_dt_rank == "auto":
+            # transformers: ceil(hidden_size / 16) (in integers: exact for any size).
+            object.__setattr__(self, "mamba_dt_rank", -(-self.hidden_size // 16))
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         for name in (
             "vocab_size",
             "hidden_size",
@@ -114,6 +152,10 @@ class JambaConfig:
         _check_int("mamba_d_conv", self.mamba_d_conv, 2)
         _check_int("attn_layer_offset", self.attn_layer_offset, 0)
         _check_int("expert_layer_offset", self.expert_layer_offset, 0)
+        for name in ("mamba_conv_bias", "mamba_proj_bias", "tie_word_embeddings"):
+            _check_bool(name, getattr(self, name))
+        _check_number("rms_norm_eps", self.rms_norm_eps, positive=True)
+        _check_number("initializer_range", self.initializer_range, positive=False)
         if self.attn_layer_offset >= self.attn_layer_period:
             raise jh.InvalidArgumentError(
                 f"attn_layer_offset ({self.attn_layer_offset}) must be < attn_layer_period "
@@ -134,7 +176,7 @@ class JambaConfig:
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_experts "
                 f"({self.num_experts})"
             )
-        if self.dtype not in _DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in _DTYPES:
             raise jh.InvalidArgumentError(
                 f"JambaConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
             )
@@ -143,15 +185,27 @@ class JambaConfig:
     def from_hf(cls, config: Mapping | str | os.PathLike, *, dtype: str = "float32") -> JambaConfig:
         """Reads a Hugging Face Jamba ``config.json`` (a dict, the file, or its directory).
 
-        Keys absent from the file take transformers' defaults. Only ``hidden_act == "silu"`` is
-        supported.
+        Keys absent from the file (or null) take transformers' defaults. Only
+        ``hidden_act == "silu"`` is supported. Every field is checked for its type and range;
+        nothing is converted (a ``"false"`` string is not a bool, ``4.0`` is not an int).
+
+        Raises:
+            InvalidArgumentError: the file is missing, not a regular file, not JSON, not a JSON
+                object, or a field's value is out of range.
+            InvalidTypeError: a field, ``config`` or ``dtype`` has the wrong type.
         """
+        dtype_name = _dtype_name(dtype)
         if not isinstance(config, Mapping):
-            path = os.fspath(config)
+            try:
+                path = os.fspath(config)
+            except TypeError:
+                raise jh.InvalidTypeError(
+                    "config must be a Mapping, a config.json path or its directory, got "
+                    f"{type(config).__name__}"
+                ) from None
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            with open(path) as f:
-                config = json.load(f)
+            config = read_json_object(path)
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise jh.InvalidArgumentError(f"only hidden_act='silu' is supported, got {act!r}")
@@ -166,7 +220,7 @@ class JambaConfig:
             kwargs["num_experts"] = config["num_local_experts"]
         if config.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = config.get("num_attention_heads", 32)
-        return cls(**kwargs, dtype=str(jnp.dtype(dtype)))
+        return cls(**kwargs, dtype=dtype_name)
 
     @property
     def jnp_dtype(self):
