@@ -13,8 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxhybrid as jh
-from jaxhybrid.serving._generate import prefill, sample_step
-from jaxhybrid.serving._sampling import SamplingParams
+from jaxhybrid.serving._batches import (
+    check_capacity,
+    check_stop_tokens,
+    check_tokens,
+    int_arg,
+)
+from jaxhybrid.serving._generate import check_setup, prefill, sample_step
+from jaxhybrid.serving._sampling import SamplingParams, check_sampling
 from jaxhybrid.serving._usage import MemoryUsage, memory_usage
 
 __all__ = ["Engine", "EngineError", "Request", "SavedRequest"]
@@ -157,6 +163,17 @@ class Engine:
         n_stop: static number of stop tokens per request.
         n_ctx_seq: positions one sequence may hold (``None``: no limit and no context shift).
         n_keep: positions a context shift keeps at the start of a sequence.
+
+    Every method checks all its arguments before any device work or bookkeeping change, and a
+    refused or failed call leaves the memory and the bookkeeping bit-identical
+    (docs/semantics.md §15.5); integers are never converted (§15.6).
+
+    Raises:
+        jaxhybrid.InvalidTypeError: ``model`` is not a plug-in, ``cfg`` not a
+            :class:`~jaxhybrid.HybridConfig`, or a capacity is not an integer.
+        jaxhybrid.InvalidArgumentError: a capacity out of range (``n_ubatch``, ``n_prompt`` below
+            1, ``n_stop`` below 0, ``n_ctx_seq`` below 2, ``n_keep`` outside
+            ``[0, n_ctx_seq - 2]``).
     """
 
     def __init__(
@@ -171,15 +188,21 @@ class Engine:
         n_ctx_seq: int | None = None,
         n_keep: int = 0,
     ):
-        if not isinstance(model, jh.HybridModel):
-            raise jh.InvalidTypeError(
-                f"model must implement jaxhybrid.HybridModel, got {type(model)}"
-            )
-        if n_ctx_seq is not None and not 0 <= n_keep <= n_ctx_seq - 2:
-            # A shift must drop at least one position: n_past - n_keep >= 2 (§4.1, §4.4).
-            raise jh.InvalidArgumentError(
-                f"n_keep must be in [0, n_ctx_seq - 2], got {n_keep} ({n_ctx_seq=})"
-            )
+        n_ubatch = check_setup(model, cfg, n_ubatch)
+        # A prefill chunk is one sequence's: more tokens than its stream's cells never fit
+        # (longer prompts take several chunks), so a larger capacity is never allocated.
+        n_prompt = int_arg(
+            n_prompt, "n_prompt", lo=1, hi=cfg.kv.kv_size + 1, limit=f"kv_size={cfg.kv.kv_size}"
+        )
+        n_stop = int_arg(n_stop, "n_stop", lo=0)
+        n_keep = int_arg(n_keep, "n_keep", lo=0)
+        if n_ctx_seq is not None:
+            n_ctx_seq = int_arg(n_ctx_seq, "n_ctx_seq", lo=2)
+            if n_keep > n_ctx_seq - 2:
+                # A shift must drop at least one position: n_past - n_keep >= 2 (§4.1, §4.4).
+                raise jh.InvalidArgumentError(
+                    f"n_keep must be in [0, n_ctx_seq - 2], got {n_keep} ({n_ctx_seq=})"
+                )
         self.model, self.params, self.cfg = model, params, cfg
         self.n_ubatch, self.n_prompt, self.n_stop = n_ubatch, n_prompt, n_stop
         self.n_ctx_seq, self.n_keep = n_ctx_seq, n_keep
@@ -209,28 +232,50 @@ class Engine:
         """Requests that hold a sequence, by sequence id."""
         return [self.requests[r] for r in self._by_seq if r is not None]
 
-    def _check_settings(self, max_new_tokens, stop_tokens) -> None:
-        """Refuses settings the engine cannot hold, before any device work."""
-        if len(stop_tokens) > self.n_stop:
-            raise jh.InvalidArgumentError(
-                f"{len(stop_tokens)} stop tokens, more than n_stop={self.n_stop}"
-            )
-        if max_new_tokens < 1:
-            raise jh.InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    def _request(self, request_id, *, running: bool = True) -> Request:
+        """The request ``request_id`` names (refused unless it exists, and runs if ``running``)."""
+        rid = int_arg(request_id, "request_id")
+        if rid not in self.requests:
+            raise jh.InvalidArgumentError(f"no request {rid} in this engine")
+        req = self.requests[rid]
+        if running and req.seq < 0:
+            raise jh.InvalidArgumentError(f"request {rid} is not running")
+        return req
 
-    def _new(self, seq, prompt, max_new_tokens, stop_tokens, temperature, top_k, top_p, seed):
-        rid = next(self._ids)
-        req = Request(
-            id=rid,
-            seq=seq,
-            prompt=list(prompt),
-            max_new_tokens=int(max_new_tokens),
-            stop_tokens=tuple(int(t) for t in stop_tokens),
-            temperature=float(temperature),
-            top_k=int(top_k),
-            top_p=float(top_p),
-            seed=rid if seed is None else int(seed),
+    def _check_prompt(self, prompt, what: str = "prompt") -> list[int]:
+        """A prompt the engine can decode: token ids in the vocabulary, at least one, fitting
+        ``n_ctx_seq`` with room to generate and one sequence's cells."""
+        tokens = check_tokens(prompt, self.model.n_vocab, what)
+        if len(tokens) < 1:
+            raise jh.InvalidArgumentError(f"the {what} must have at least one token")
+        if self.n_ctx_seq is not None and len(tokens) >= self.n_ctx_seq:
+            raise jh.InvalidArgumentError(
+                f"a {what} of {len(tokens)} tokens leaves no room to generate in a context of "
+                f"n_ctx_seq={self.n_ctx_seq} positions"
+            )
+        check_capacity(len(tokens), f"len({what})", self.cfg)
+        return tokens
+
+    def _check_settings(self, max_new_tokens, stop_tokens, temperature, top_k, top_p, seed) -> dict:
+        """A request's settings, checked (``seed`` None: the request id); the fields of
+        :class:`Request` they fill."""
+        max_new_tokens = int_arg(max_new_tokens, "max_new_tokens", lo=1)
+        (stops,) = check_stop_tokens(stop_tokens, None, self.n_stop)
+        t, k, p, s = check_sampling(temperature, top_k, top_p, 0 if seed is None else seed)
+        return dict(
+            max_new_tokens=max_new_tokens,
+            stop_tokens=tuple(stops),
+            temperature=t,
+            top_k=k,
+            top_p=p,
+            seed=None if seed is None else s,
         )
+
+    def _new(self, seq: int, prompt: list[int], settings: dict) -> Request:
+        rid = next(self._ids)
+        if settings["seed"] is None:
+            settings = settings | dict(seed=rid)
+        req = Request(id=rid, seq=seq, prompt=list(prompt), **settings)
         self.requests[rid] = req
         self._by_seq[seq] = rid
         return req
@@ -248,20 +293,41 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> int:
-        """Starts a request in a free sequence id and decodes its prompt; returns its id."""
-        if len(prompt) < 1:
-            raise jh.InvalidArgumentError("the prompt must have at least one token")
-        if self.n_ctx_seq is not None and len(prompt) >= self.n_ctx_seq:
-            raise jh.InvalidArgumentError(
-                f"a prompt of {len(prompt)} tokens leaves no room to generate in a context of "
-                f"n_ctx_seq={self.n_ctx_seq} positions"
-            )
-        self._check_settings(max_new_tokens, stop_tokens)
+        """Starts a request in a free sequence id and decodes its prompt; returns its id.
+
+        A refused or failed call leaves memory and bookkeeping as they were (§15.5).
+
+        Args:
+            prompt: token ids in ``[0, n_vocab)``, at least one.
+            max_new_tokens: tokens to generate at most (>= 1).
+            stop_tokens: at most ``n_stop`` ids ending the request (kept in its output).
+            temperature: finite; ``<= 0`` is greedy.
+            top_k: ``>= 0`` (0 = off).
+            top_p: in ``(0, 1]`` (1 = off).
+            seed: inside int32 (None: the request id).
+
+        Raises:
+            jaxhybrid.InvalidTypeError: a float or a bool where an integer is due (a token id,
+                ``max_new_tokens``, a stop token, ``top_k``, ``seed``), or a setting of another
+                wrong type (§15.6).
+            jaxhybrid.InvalidArgumentError: a value out of range: a token id outside the
+                vocabulary, an empty prompt or one longer than ``n_ctx_seq`` or one sequence's
+                ``kv_size`` cells allow, ``max_new_tokens < 1``, more than ``n_stop`` stop
+                tokens, an integer outside int32, a non-finite temperature, ``top_p`` outside
+                ``(0, 1]``, a negative ``top_k``.
+            EngineError: no free sequence id, or the prompt's decode failed (e.g. ``NO_SLOT``).
+        """
+        tokens = self._check_prompt(prompt)
+        settings = self._check_settings(
+            max_new_tokens, stop_tokens, temperature, top_k, top_p, seed
+        )
         seq = self._free_seq()
-        n = self.cfg.n_seq_max
+        chunks = [tokens[i : i + self.n_prompt] for i in range(0, len(tokens), self.n_prompt)]
+        # A failed decode returns the memory it was given (difference 1), but earlier chunks are
+        # committed: a prompt of several chunks keeps a copy to hand back on failure (§15.5).
+        backup = jax.tree.map(jnp.copy, self.mem) if len(chunks) > 1 else None
         logits = None
-        for start in range(0, len(prompt), self.n_prompt):
-            chunk = list(prompt[start : start + self.n_prompt])
+        for chunk in chunks:
             toks = np.zeros((1, self.n_prompt), np.int32)
             toks[0, : len(chunk)] = chunk
             logits, self.mem, code = prefill(
@@ -275,14 +341,18 @@ class Engine:
                 n_ubatch=self.n_ubatch,
             )
             if int(code) != jh.DecodeCode.OK:
-                self.mem, _ = _free(self.mem, jnp.int32(seq), cfg=self.cfg)
+                if backup is not None:
+                    self.mem = backup
                 code = jh.DecodeCode(int(code))
-                raise EngineError(f"prompt decode failed with code {int(code)} ({code.name})", code)
+                raise EngineError(
+                    f"prompt decode failed with code {int(code)} ({code.name}; memory unchanged)",
+                    code,
+                )
         if self._logits is None:
-            self._logits = jnp.zeros((n, logits.shape[-1]), jnp.float32)
+            self._logits = jnp.zeros((self.cfg.n_seq_max, logits.shape[-1]), jnp.float32)
         self._logits = self._logits.at[seq].set(logits[0])
-        req = self._new(seq, prompt, max_new_tokens, stop_tokens, temperature, top_k, top_p, seed)
-        req.n_past = len(prompt)
+        req = self._new(seq, tokens, settings)
+        req.n_past = len(tokens)
         return req.id
 
     def fork(
@@ -298,41 +368,49 @@ class Engine:
     ) -> int:
         """A new request continuing from where ``request_id`` is now (its memory shared via
         ``seq_cp``, its next token sampled with the new request's own settings). Settings not
-        given are the parent's (``seed`` defaults to the new request id)."""
-        parent = self.requests[request_id]
-        if parent.seq < 0:
-            raise jh.InvalidArgumentError(f"request {request_id} is not running")
+        given are the parent's (``seed`` defaults to the new request id). A refused or failed call
+        leaves memory and bookkeeping as they were (§15.5).
+
+        Raises:
+            jaxhybrid.InvalidTypeError, jaxhybrid.InvalidArgumentError: ``request_id`` is not an
+                integer, names no request or one not running, or a setting is refused (as in
+                :meth:`submit`).
+            EngineError: no free sequence id, or ``seq_cp`` failed.
+        """
+        parent = self._request(request_id)
 
         def pick(x, default):
             return default if x is None else x
 
-        max_new_tokens = pick(max_new_tokens, parent.max_new_tokens)
-        stop_tokens = pick(stop_tokens, parent.stop_tokens)
-        self._check_settings(max_new_tokens, stop_tokens)
-        seq = self._free_seq()
-        self.mem, self._logits, ok = _fork(
-            self.mem, self._logits, jnp.int32(parent.seq), jnp.int32(seq), cfg=self.cfg
-        )
-        if not bool(ok):
-            raise EngineError(
-                f"fork of request {request_id} failed: seq_cp found no free cell (memory unchanged)"
-            )
-        req = self._new(
-            seq,
-            parent.prompt + parent.tokens,
-            max_new_tokens,
-            stop_tokens,
+        settings = self._check_settings(
+            pick(max_new_tokens, parent.max_new_tokens),
+            pick(stop_tokens, parent.stop_tokens),
             pick(temperature, parent.temperature),
             pick(top_k, parent.top_k),
             pick(top_p, parent.top_p),
             seed,
         )
+        seq = self._free_seq()
+        self.mem, logits, ok = _fork(
+            self.mem, self._logits, jnp.int32(parent.seq), jnp.int32(seq), cfg=self.cfg
+        )
+        if not bool(ok):  # seq_cp returned the memory unchanged; the logits are not taken
+            raise EngineError(
+                f"fork of request {parent.id} failed: seq_cp found no free cell (memory unchanged)"
+            )
+        self._logits = logits
+        req = self._new(seq, parent.prompt + parent.tokens, settings)
         req.n_past = parent.n_past
         return req.id
 
     def cancel(self, request_id: int) -> None:
-        """Stops a request and frees its sequence (``seq_rm``)."""
-        req = self.requests[request_id]
+        """Stops a request and frees its sequence (``seq_rm``).
+
+        Raises:
+            jaxhybrid.InvalidTypeError, jaxhybrid.InvalidArgumentError: ``request_id`` is not an
+                integer or names no request.
+        """
+        req = self._request(request_id, running=False)
         req.cancelled = True
         self._release(req)
 
@@ -367,7 +445,7 @@ class Engine:
             stop[s, : len(r.stop_tokens)] = r.stop_tokens
             temp[s], top_k[s], top_p[s], seed[s] = r.temperature, r.top_k, r.top_p, r.seed
         sp = SamplingParams(*(jnp.asarray(a) for a in (temp, top_k, top_p, seed)))
-        tok, finished, self._logits, _, self.mem, code = _engine_step(
+        tok, finished, logits, _, mem, code = _engine_step(
             self.model,
             self.params,
             self.mem,
@@ -380,12 +458,16 @@ class Engine:
             cfg=self.cfg,
             n_ubatch=self.n_ubatch,
         )
+        # The memory was donated: a failed decode hands it back bit-identical. The logits are
+        # the failed step's zeros then, so the engine keeps its own (§15.5).
+        self.mem = mem
         tok, finished = np.asarray(tok), np.asarray(finished)
         if int(code) != jh.DecodeCode.OK:
             code = jh.DecodeCode(int(code))
             raise EngineError(
                 f"decode step failed with code {int(code)} ({code.name}; memory unchanged)", code
             )
+        self._logits = logits
         out = {}
         for r in running:
             r.tokens.append(int(tok[r.seq]))
@@ -414,12 +496,15 @@ class Engine:
 
         Returns:
             The number of positions dropped.
+
+        Raises:
+            jaxhybrid.InvalidTypeError, jaxhybrid.InvalidArgumentError: ``request_id`` names no
+                running request, or ``n_discard`` is not an integer in ``[1, n_past - n_keep)``.
+            EngineError: the shift failed (memory unchanged).
         """
-        req = self.requests[request_id]
-        if req.seq < 0:
-            raise jh.InvalidArgumentError(f"request {request_id} is not running")
+        req = self._request(request_id)
         n_left = req.n_past - self.n_keep
-        n_discard = n_left // 2 if n_discard is None else int(n_discard)
+        n_discard = n_left // 2 if n_discard is None else int_arg(n_discard, "n_discard")
         if not 1 <= n_discard < n_left:
             raise jh.InvalidArgumentError(
                 f"cannot drop {n_discard} of the {n_left} positions after n_keep={self.n_keep} "
@@ -445,10 +530,13 @@ class Engine:
 
     def save(self, request_id: int, *, flags: int = 0) -> SavedRequest:
         """Saves a running request: its sequence's memory record (:func:`jaxhybrid.state_write`),
-        its tokens and settings, and the logits of its next token. The request keeps running."""
-        req = self.requests[request_id]
-        if req.seq < 0:
-            raise jh.InvalidArgumentError(f"request {request_id} is not running")
+        its tokens and settings, and the logits of its next token. The request keeps running.
+
+        Raises:
+            jaxhybrid.InvalidTypeError, jaxhybrid.InvalidArgumentError: ``request_id`` names no
+                running request, or ``flags`` are refused by :func:`jaxhybrid.state_write`.
+        """
+        req = self._request(request_id)
         data = jh.state_write(self.mem, self.cfg, req.seq, flags=flags)
         copy = dataclasses.replace(req, prompt=list(req.prompt), tokens=list(req.tokens))
         return SavedRequest(bytes(data), copy, np.asarray(self._logits[req.seq]))
@@ -456,37 +544,55 @@ class Engine:
     def restore(self, saved: SavedRequest, *, seq: int | None = None, flags: int = 0) -> int:
         """Starts a new request that continues a saved one, in sequence ``seq`` (default: the
         first free one), and returns its id. Its next tokens are those the saved request would
-        have generated (same seed and token count, §9.3, §9.5).
+        have generated (same seed and token count, §9.3, §9.5). A refused or failed call leaves
+        memory and bookkeeping as they were (§15.5).
 
         Raises:
-            ValueError: ``seq`` is out of range or running.
-            jaxhybrid.StateError: the record does not fit this memory (the message says why; memory
-                unchanged).
+            jaxhybrid.InvalidTypeError: ``saved`` is not a :class:`SavedRequest`, or ``seq`` or
+                ``flags`` not an integer.
+            jaxhybrid.InvalidArgumentError: ``seq`` is out of range or running, ``flags`` has
+                unknown bits, or the saved
+                request does not fit this engine (its logits' vocabulary, its tokens or its
+                settings, checked as in :meth:`submit`).
+            EngineError: no free sequence id.
+            jaxhybrid.StateError: the record does not fit this memory (the message says why).
         """
+        if not isinstance(saved, SavedRequest):
+            raise jh.InvalidTypeError(
+                f"saved must be a SavedRequest (from Engine.save), got {type(saved).__name__}"
+            )
+        old = saved.request
+        n_vocab = self.model.n_vocab
+        if np.shape(saved.logits) != (n_vocab,):
+            raise jh.InvalidArgumentError(
+                f"saved.logits has shape {np.shape(saved.logits)}, this engine's model needs "
+                f"({n_vocab},)"
+            )
+        prompt = check_tokens(old.prompt, n_vocab, "saved.request.prompt")
+        tokens = check_tokens(old.tokens, n_vocab, "saved.request.tokens")
+        settings = self._check_settings(
+            old.max_new_tokens, old.stop_tokens, old.temperature, old.top_k, old.top_p, old.seed
+        )
+        flags = int_arg(flags, "flags", lo=0)
+        known = jh.StateFlags.PARTIAL_ONLY | jh.StateFlags.SNAPSHOTS
+        if flags & ~known:
+            raise jh.InvalidArgumentError(f"flags = {flags} has bits other than {known!r}")
         n = self.cfg.n_seq_max
         if seq is None:
             seq = self._free_seq()
-        elif not 0 <= seq < n or self._by_seq[seq] is not None:
-            raise jh.InvalidArgumentError(f"sequence id {seq} is not a free id in [0, {n})")
+        else:
+            seq = int_arg(seq, "seq")
+            if not 0 <= seq < n or self._by_seq[seq] is not None:
+                raise jh.InvalidArgumentError(f"sequence id {seq} is not a free id in [0, {n})")
         mem, status = jh.state_read(self.mem, self.cfg, saved.data, seq, flags=flags)
         if not status.ok:
             raise jh.StateError(f"restore into sequence {seq} failed: {status.message}")
         self.mem = mem
-        old = saved.request
         if self._logits is None:
-            self._logits = jnp.zeros((n, saved.logits.shape[-1]), jnp.float32)
-        self._logits = self._logits.at[seq].set(jnp.asarray(saved.logits))
-        req = self._new(
-            seq,
-            old.prompt,
-            old.max_new_tokens,
-            old.stop_tokens,
-            old.temperature,
-            old.top_k,
-            old.top_p,
-            old.seed,
-        )
-        req.tokens, req.n_past, req.n_shifts = list(old.tokens), old.n_past, old.n_shifts
+            self._logits = jnp.zeros((n, n_vocab), jnp.float32)
+        self._logits = self._logits.at[seq].set(jnp.asarray(saved.logits, jnp.float32))
+        req = self._new(seq, prompt, settings)
+        req.tokens, req.n_past, req.n_shifts = tokens, old.n_past, old.n_shifts
         return req.id
 
     def memory_usage(self) -> MemoryUsage:

@@ -24,15 +24,22 @@ import jaxhybrid as jh
 from jaxhybrid.array_typing import Array, Bool, Float, Int, Scalar
 from jaxhybrid.serving._batches import (
     as_prompts,
+    check_capacity,
+    check_prompts,
+    check_stop_tokens,
+    int_arg,
+    int_list,
+    per_seq,
     prompt_batch,
     stop_array,
     token_batch,
     unpermute,
 )
-from jaxhybrid.serving._sampling import sample, sampling_params
+from jaxhybrid.serving._sampling import SamplingParams, sample, sampling_params
 
 __all__ = [
     "GenerateOutput",
+    "check_setup",
     "decode_tokens",
     "generate",
     "model_decode",
@@ -43,6 +50,28 @@ __all__ = [
 ]
 
 _I32 = jnp.int32
+
+
+def check_setup(model, cfg, n_ubatch, what: str = "model") -> int:
+    """The plug-in, its memory config and the ubatch size every entry point takes; returns
+    ``n_ubatch``.
+
+    Raises:
+        jaxhybrid.InvalidTypeError: ``model`` is not a :class:`~jaxhybrid.HybridModel`, ``cfg``
+            not a :class:`~jaxhybrid.HybridConfig`, or ``n_ubatch`` not an integer.
+        jaxhybrid.InvalidArgumentError: ``n_ubatch < 1``.
+    """
+    if not isinstance(model, jh.HybridModel):
+        raise jh.InvalidTypeError(
+            f"{what} must implement jaxhybrid.HybridModel (e.g. JambaModel(config)), got "
+            f"{type(model).__name__}; since 0.2 the plug-in comes first and its params second"
+        )
+    if not isinstance(cfg, jh.HybridConfig):
+        raise jh.InvalidTypeError(
+            f"cfg must be a jaxhybrid.HybridConfig (model.memory_config(...)), got "
+            f"{type(cfg).__name__}"
+        )
+    return int_arg(n_ubatch, "n_ubatch", lo=1)
 
 
 def model_decode(model: jh.HybridModel, params, mem, batch, *, cfg, n_ubatch):
@@ -77,7 +106,8 @@ def prefill(
     """Decodes several prompts at once (continuing what memory holds of each sequence).
 
     Rows with ``lengths == 0`` are skipped. The batch has capacity ``seqs * prompt`` and is run in
-    ubatches of ``n_ubatch`` tokens.
+    ubatches of ``n_ubatch`` tokens. Being jitted, it checks its arrays inside jit: a token outside
+    the model's vocabulary, a bad sequence id or a full memory is a code, not an exception.
 
     Returns:
         ``(logits, mem, code)``: ``logits [seqs, vocab]`` of every prompt's last token (``[seqs,
@@ -113,7 +143,8 @@ def decode_tokens(
     cfg: jh.HybridConfig,
     n_ubatch: int,
 ):
-    """Decodes one token per active sequence (positions continue memory).
+    """Decodes one token per active sequence (positions continue memory). Being jitted, it checks
+    its arrays inside jit (a token outside the vocabulary is ``DecodeCode.INVALID_BATCH``).
 
     Returns:
         ``(logits [seqs, vocab], mem, code)``; rows of inactive sequences are zero.
@@ -243,7 +274,8 @@ def generate(
 
     The prompts are decoded in one batch (ubatches of ``n_ubatch``), continuing whatever memory
     holds of their sequences; then every step samples one token per active sequence and decodes
-    them together in a ``lax.while_loop`` (see the module docstring).
+    them together in a ``lax.while_loop`` (see the module docstring). Every argument is checked
+    before any device work: a refused call has not touched ``mem``.
 
     Args:
         model: the model plug-in (e.g. :class:`jaxhybrid.models.JambaModel`).
@@ -261,30 +293,79 @@ def generate(
 
     Returns:
         A :class:`GenerateOutput` (device arrays).
+
+    Raises:
+        jaxhybrid.InvalidTypeError: an argument of the wrong type, e.g. a float or a bool where an
+            integer is due (token ids, sequence ids, lengths, ``top_k``, ``seed``; never
+            converted, docs/semantics.md §15.6).
+        jaxhybrid.InvalidArgumentError: a value out of range: a token id outside the vocabulary,
+            a sequence id outside ``[0, n_seq_max)`` or listed twice, a negative
+            ``max_new_tokens``, a prompt and ``max_new_tokens`` (or a capacity) that one
+            sequence's ``kv_size`` cells cannot hold, sampling settings out of range
+            (finite temperature, ``top_k >= 0``, ``top_p`` in ``(0, 1]``), lists of the wrong
+            length.
     """
-    if not isinstance(model, jh.HybridModel):
-        raise jh.InvalidTypeError(
-            f"model must implement jaxhybrid.HybridModel (e.g. JambaModel(config)), got "
-            f"{type(model).__name__}; since 0.2 the plug-in comes first and its params second"
-        )
-    n = len(prompts)
-    toks, lens = as_prompts(prompts, n_prompt)
-    ids = np.arange(n) if seq_ids is None else np.asarray(seq_ids)
-    mnt = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (n,))
-    cap = int(max(1, mnt.max(initial=0))) if max_new is None else max_new
-    if mnt.max(initial=0) > cap:
-        raise jh.InvalidArgumentError(f"max_new_tokens {int(mnt.max())} exceeds max_new={cap}")
+    n_ubatch = check_setup(model, cfg, n_ubatch)
+    if not isinstance(mem, jh.HybridMemory):
+        raise jh.InvalidTypeError(f"mem must be a jaxhybrid.HybridMemory, got {type(mem).__name__}")
+    rows = check_prompts(prompts, model.n_vocab)
+    n = len(rows)
+    if n == 0:
+        raise jh.InvalidArgumentError("generate needs at least one prompt")
+    ids = _check_seq_ids(seq_ids, n, cfg.n_seq_max)
+    if n_prompt is not None:
+        n_prompt = int_arg(n_prompt, "n_prompt", lo=1)
+        check_capacity(n_prompt, "n_prompt", cfg)
+    mnt, names = per_seq(
+        max_new_tokens, n, "max_new_tokens", lambda v, what: int_arg(v, what, lo=0)
+    )
+    for i, (p, m, name) in enumerate(zip(rows, mnt, names, strict=True)):
+        if p:  # the prompt and all generated tokens but the last are decoded
+            need = f"len(prompts[{i}]) + {name} - 1 = {len(p)} + {m} - 1"
+            check_capacity(len(p) + max(m, 1) - 1, need, cfg)
+    if max_new is None:
+        cap = max(1, *mnt)
+    else:
+        cap = int_arg(max_new, "max_new", lo=1)
+        check_capacity(cap, "max_new", cfg)
+    if max(mnt) > cap:
+        raise jh.InvalidArgumentError(f"max_new_tokens {max(mnt)} exceeds max_new={cap}")
+    if n_stop is not None:
+        n_stop = int_arg(n_stop, "n_stop", lo=0)
+    stops = check_stop_tokens(stop_tokens, n, n_stop)
+    sp = sampling_params(n, temperature, top_k, top_p, seed)
+    toks, lens = as_prompts(rows, n_prompt)
     return _generate(
         model,
         params,
         mem,
-        toks,
-        lens,
-        jnp.asarray(ids.astype(np.int32)),
-        jnp.asarray(mnt.copy()),
-        jnp.asarray(stop_array(stop_tokens, n, n_stop)),
-        sampling_params(n, temperature, top_k, top_p, seed),
+        jnp.asarray(toks),
+        jnp.asarray(lens),
+        jnp.asarray(np.asarray(ids, np.int32)),
+        jnp.asarray(np.asarray(mnt, np.int32)),
+        jnp.asarray(stop_array(stops, n_stop)),
+        SamplingParams(*(jnp.asarray(a) for a in sp)),
         cfg=cfg,
         n_ubatch=n_ubatch,
         max_new=cap,
     )
+
+
+def _check_seq_ids(seq_ids, n: int, n_seq_max: int) -> list[int]:
+    """One sequence id per prompt, each in ``[0, n_seq_max)``, none twice (default ``0..n-1``)."""
+    if seq_ids is None:
+        if n > n_seq_max:
+            raise jh.InvalidArgumentError(f"{n} prompts, more than n_seq_max={n_seq_max}")
+        return list(range(n))
+    ids = int_list(seq_ids, "seq_ids", 0, n_seq_max, f"n_seq_max={n_seq_max}")
+    if len(ids) != n:
+        raise jh.InvalidArgumentError(f"{len(ids)} seq_ids for {n} prompts")
+    first: dict[int, int] = {}
+    for j, s in enumerate(ids):
+        if s in first:
+            raise jh.InvalidArgumentError(
+                f"seq_ids[{j}] = {s} is listed twice (also seq_ids[{first[s]}]): two prompts "
+                "would write one sequence"
+            )
+        first[s] = j
+    return ids

@@ -22,8 +22,15 @@ import jax.numpy as jnp
 
 import jaxhybrid as jh
 from jaxhybrid.array_typing import Array, Bool, Int, Scalar
-from jaxhybrid.serving._batches import as_prompts, prompt_batch, unpermute
-from jaxhybrid.serving._generate import model_decode, prefill, step_decode
+from jaxhybrid.serving._batches import (
+    as_prompts,
+    check_capacity,
+    check_prompts,
+    int_arg,
+    prompt_batch,
+    unpermute,
+)
+from jaxhybrid.serving._generate import check_setup, model_decode, prefill, step_decode
 
 __all__ = ["SpeculativeOutput", "speculative_generate"]
 
@@ -270,12 +277,20 @@ def speculative_generate(
 
     Returns:
         A :class:`SpeculativeOutput`; ``tokens`` equal plain greedy decoding of the target.
+
+    Raises:
+        jaxhybrid.InvalidTypeError: a model that is not a plug-in, a config that is not a
+            :class:`~jaxhybrid.HybridConfig`, or a float or a bool where an integer is due
+            (``k``, ``max_new_tokens``, ``n_ubatch``, ``n_prompt``, token ids; §15.6).
+        jaxhybrid.InvalidArgumentError: a model without per-token states, different
+            vocabularies, ``n_snapshots < k``, ``k`` or ``max_new_tokens`` below 1 or outside
+            int32, an empty prompt, a token id outside the vocabulary, more prompts than
+            ``n_seq_max``, or a prompt and ``max_new_tokens`` one sequence's ``kv_size`` cells
+            cannot hold.
     """
-    for name, model in (("target", target), ("draft", draft)):
-        if not isinstance(model, jh.HybridModel):
-            raise jh.InvalidTypeError(
-                f"{name} must implement jaxhybrid.HybridModel, got {type(model)}"
-            )
+    n_ubatch = int_arg(n_ubatch, "n_ubatch", lo=1)
+    for name, model, cfg in (("target", target, target_cfg), ("draft", draft, draft_cfg)):
+        check_setup(model, cfg, n_ubatch, name)
         if not model.per_token_states:
             raise jh.InvalidArgumentError(
                 f"the {name} model's step does not write per-token recurrent states, so its "
@@ -285,26 +300,41 @@ def speculative_generate(
         raise jh.InvalidArgumentError(
             f"vocabularies differ: target {target.n_vocab}, draft {draft.n_vocab}"
         )
+    k = int_arg(k, "k", lo=1)
+    max_new_tokens = int_arg(max_new_tokens, "max_new_tokens", lo=1)
     for name, cfg in (("target_cfg", target_cfg), ("draft_cfg", draft_cfg)):
         if cfg.recurrent.n_snapshots < k:
             raise jh.InvalidArgumentError(
                 f"{name}.recurrent.n_snapshots={cfg.recurrent.n_snapshots} cannot roll back the "
                 f"{k} draft tokens of a round: build it with n_snapshots >= {k}"
             )
-    if k < 1 or max_new_tokens < 1:
-        raise jh.InvalidArgumentError(
-            f"k and max_new_tokens must be >= 1, got {k} and {max_new_tokens}"
-        )
-    if any(len(p) == 0 for p in prompts):
+    rows = check_prompts(prompts, target.n_vocab)
+    if not rows:
+        raise jh.InvalidArgumentError("speculative_generate needs at least one prompt")
+    if any(len(p) == 0 for p in rows):
         raise jh.InvalidArgumentError("every prompt needs at least one token")
-    toks, lens = as_prompts(prompts, n_prompt)
+    n_seq_max = min(target_cfg.n_seq_max, draft_cfg.n_seq_max)
+    if len(rows) > n_seq_max:
+        raise jh.InvalidArgumentError(
+            f"{len(rows)} prompts take sequence ids 0..{len(rows) - 1}, more than "
+            f"n_seq_max={n_seq_max}"
+        )
+    if n_prompt is not None:
+        n_prompt = int_arg(n_prompt, "n_prompt", lo=1)
+    for cfg in (target_cfg, draft_cfg):
+        if n_prompt is not None:
+            check_capacity(n_prompt, "n_prompt", cfg)
+        for i, p in enumerate(rows):
+            need = f"len(prompts[{i}]) + max_new_tokens - 1 = {len(p)} + {max_new_tokens} - 1"
+            check_capacity(len(p) + max_new_tokens - 1, need, cfg)
+    toks, lens = as_prompts(rows, n_prompt)
     return _speculate(
         target_params,
         draft_params,
         jh.init_hybrid(target_cfg),
         jh.init_hybrid(draft_cfg),
-        toks,
-        lens,
+        jnp.asarray(toks),
+        jnp.asarray(lens),
         models=_Models(target, draft, target_cfg, draft_cfg),
         k=k,
         max_new=max_new_tokens,
