@@ -29,7 +29,7 @@ from jaxhybrid.serving import Engine, generate, speculative_generate
 N_SEQ = 4
 N_UBATCH = 8
 N_NEW = 6
-K = 2
+K = 3  # drafts per round: rollbacks of depth 1..3 (n_snapshots = K)
 PROMPTS = [[5, 11, 3, 9, 2, 7, 1], [4, 8, 15, 16], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
 
 

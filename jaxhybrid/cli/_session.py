@@ -244,8 +244,8 @@ def run_session(args: argparse.Namespace, mdl: DemoModel, out: TextIO = sys.stdo
     prompts = make_prompts(args, mdl, args.requests + 1)
     check_sizes(args, max(len(p) for p in prompts))
     # Prompts are decoded in chunks of a static width: a multiple of 16 compiles once for
-    # every prompt length up to it.
-    n_prompt = -(-max(len(p) for p in prompts) // 16) * 16
+    # every prompt length up to it (at most the cells of one sequence's stream).
+    n_prompt = min(-(-max(len(p) for p in prompts) // 16) * 16, cfg.kv.kv_size)
     n_stop = max(1, len(mdl.stop_tokens))
     pr = Printer(out, args.quiet, args.every)
     print_header(pr, mdl, args, n_seq, kv_size)
