@@ -415,9 +415,9 @@ class _Facts(NamedTuple):
     seq_pos_min: Int[Array, " seqs"]
     seq_pos_max: Int[Array, " seqs"]
     n_vocab: int | None
-    # [p, q]: whether sequences p and q hold the same history beyond positions (the hybrid
-    # compares recurrent states), or None: coupled sequences must also share it (§6.2.7).
-    same_history: Bool[Array, "seqs seqs"] | None = None
+    # Per sequence, what identifies its history beyond positions (the hybrid passes its
+    # recurrent tail cells), or None: coupled sequences must also share it (§6.2.7).
+    history: Int[Array, " seqs"] | None = None
 
 
 class _Finding(NamedTuple):
@@ -529,8 +529,8 @@ def _rule_coupled_diverged(f: _Facts) -> _Finding:
     primary = jnp.clip(f.batch.seq_id[:, 0], 0, n_seq_max - 1)
     p_min, p_max = lo[primary], hi[primary]
     differs = (lo[None, :] != p_min[:, None]) | (hi[None, :] != p_max[:, None])
-    if f.same_history is not None:
-        differs |= ~f.same_history[primary]
+    if f.history is not None:
+        differs |= f.history[None, :] != f.history[primary][:, None]
     bad = f.member & (jnp.arange(n_seq_max)[None, :] != primary[:, None]) & differs
     any_, t, s, row = _first_cell(bad)
     s0 = jnp.maximum(s, 0)
@@ -595,7 +595,7 @@ def _facts(
     seq_pos_max: Int[Array, " seqs"],
     n_seq_max: int,
     n_vocab: int | None,
-    same_history: Bool[Array, "seqs seqs"] | None = None,
+    history: Int[Array, " seqs"] | None = None,
 ) -> _Facts:
     member = seq_membership(batch, n_seq_max)
     running = jax.lax.cummax(jnp.where(member, batch.pos[:, None], -1), axis=0)
@@ -609,7 +609,7 @@ def _facts(
         seq_pos_min=seq_pos_min,
         seq_pos_max=seq_pos_max,
         n_vocab=n_vocab,
-        same_history=same_history,
+        history=history,
     )
 
 
@@ -621,7 +621,7 @@ def validate(
     n_seq_max: int,
     n_vocab: int | None = None,
     output_all: bool = False,
-    same_history: Bool[Array, "seqs seqs"] | None = None,
+    history: Int[Array, " seqs"] | None = None,
 ) -> tuple[Batch, BatchCheck]:
     """Validates a batch against spec §6.2 and fills in automatic positions.
 
@@ -632,9 +632,9 @@ def validate(
         n_seq_max: static number of sequence ids.
         n_vocab: static vocabulary size, or None to skip the token-id check (embeddings).
         output_all: every token must output (embeddings); flags are forced on (§6.2.3).
-        same_history: ``[n_seq_max, n_seq_max]`` whether two sequences hold the same history,
-            or None: a token that couples sequences also needs that (the hybrid compares their
-            recurrent states, §6.2.7).
+        history: ``[n_seq_max]`` an identity of each sequence's history, or None: a token that
+            couples sequences also needs them to share it (the hybrid passes its recurrent tail
+            cells: coupled sequences must share one state, §6.2.7).
 
     Returns:
         ``(batch, check)``: the batch with positions assigned (when ``auto_pos``) and output
@@ -659,7 +659,7 @@ def validate(
     pos = jnp.where(batch.auto_pos, _assign_positions(batch, member, seq_pos_max), batch.pos)
     output = batch.output | (valid if output_all else False)
     batch = batch._replace(pos=jnp.where(valid, pos.astype(jnp.int32), 0), output=output & valid)
-    facts = _facts(batch, seq_pos_min, seq_pos_max, n_seq_max, n_vocab, same_history)
+    facts = _facts(batch, seq_pos_min, seq_pos_max, n_seq_max, n_vocab, history)
     return batch, _first_failing(_RULES, facts)
 
 

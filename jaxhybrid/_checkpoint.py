@@ -107,6 +107,6 @@ def restore_checkpoint(
     kv, ok_a = kvc.seq_rm(mem.kv, seq, pos + 1, -1, cfg.kv)
     recr, ok_r = rec.put_state(mem.recurrent, seq, pos, ckpt.r, ckpt.s, cfg.recurrent)
     new = HybridMemory(kv, recr)
-    holds = parts_agree(new, cfg)[jnp.clip(seq, 0, cfg.n_seq_max - 1)]
+    holds = parts_agree(new, cfg) | ~parts_agree(mem, cfg)
     ok = (pos >= 0) & ok_a & ok_r & seq_ok(seq, cfg.n_seq_max) & holds & same_cell
     return select_tree(ok, new, mem), ok

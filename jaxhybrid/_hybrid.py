@@ -33,7 +33,6 @@ from jaxhybrid._batch import (
     UBatch,
     UBatchPlan,
     get_ubatch,
-    seq_membership,
     split,
     validate,
 )
@@ -262,20 +261,32 @@ def seq_rm(mem: HybridMemory, seq, p0, p1, cfg: HybridConfig) -> tuple[HybridMem
     return _keep_if(mem, HybridMemory(kv, recr), ok_r & ok_a, cfg)
 
 
-def parts_agree(mem: HybridMemory, cfg: HybridConfig) -> Bool[Array, " seqs"]:
-    """Per sequence, whether its two parts agree (§15.1): the recurrent state sits at the
-    attention part's last position, or both parts lack the sequence."""
-    _, a_max = kvc.seq_pos_range(mem.kv, cfg.kv)
-    _, r_max = rec.seq_pos_range(mem.recurrent, cfg.recurrent, snapshots=False)
-    return a_max == r_max
+def parts_agree(mem: HybridMemory, cfg: HybridConfig) -> ScalarBool:
+    """Whether every sequence's two parts agree (§15.1): its recurrent state sits at its last
+    attention position, or it has neither.
+
+    Computed in the attention cells' layout and reduced to scalars, with the recurrent side
+    entering only as the per-sequence state position broadcast over the cells: per-sequence
+    vectors of the two parts never meet, so a sharded memory keeps every buffer's layout.
+    """
+    tail = mem.recurrent.cells.tail
+    has_state = tail >= 0
+    state_pos = jnp.where(has_state, mem.recurrent.cells.pos[jnp.maximum(tail, 0)], -1)
+    cells = mem.kv.cells
+    held = cells.seq & (cells.pos >= 0)[..., None]  # [streams, cells, seqs]
+    pos = cells.pos[..., None]
+    state = state_pos[None, None, :]
+    beyond = jnp.any(held & (pos > state))  # a cell after the state, or cells and no state
+    at_state = jnp.any(held & (pos == state), axis=(0, 1))  # [seqs]: implies has_state
+    return ~beyond & (jnp.sum(at_state) == jnp.sum(has_state))
 
 
 def _keep_if(
     old: HybridMemory, new: HybridMemory, ok: ScalarBool, cfg: HybridConfig
 ) -> tuple[HybridMemory, ScalarBool]:
-    """``new`` when ``ok`` and no sequence whose parts agreed in ``old`` disagrees in ``new``
-    (§15.1); otherwise ``old``, bit-identical, and False."""
-    ok = ok & jnp.all(parts_agree(new, cfg) | ~parts_agree(old, cfg))
+    """``new`` when ``ok`` and, if the parts of ``old`` agreed, those of ``new`` agree (§15.1);
+    otherwise ``old``, bit-identical, and False."""
+    ok = ok & (parts_agree(new, cfg) | ~parts_agree(old, cfg))
     return _select(ok, new, old), ok
 
 
@@ -641,21 +652,6 @@ def _run_plan(step_fn, params, mem, batch, plan, slots, zeros, cfg, n_ubatch):
     return final.mem, final.outputs
 
 
-def _coupled_states_equal(
-    mem: HybridMemory, batch: Batch, cfg: HybridConfig
-) -> Bool[Array, "seqs seqs"]:
-    """``[p, q]``: whether sequences ``p`` and ``q`` hold the same recurrent state, computed for
-    the pairs the batch couples (a token whose primary is ``p`` also lists ``q``); True elsewhere.
-    States are compared only when such a pair sits in two cells (§6.2.7)."""
-    n = cfg.n_seq_max
-    member = seq_membership(batch, n)
-    primary = jax.nn.one_hot(jnp.clip(batch.seq_id[:, 0], 0, n - 1), n, dtype=jnp.bool_)
-    coupled = jnp.any(primary[:, :, None] & member[:, None, :], axis=0)  # [p, q]
-    p, q = (x.reshape(-1) for x in jnp.meshgrid(jnp.arange(n), jnp.arange(n), indexing="ij"))
-    same = rec.same_state(mem.recurrent, p, q, cfg.recurrent, where=coupled.reshape(-1))
-    return same.reshape(n, n) | ~coupled
-
-
 def decode(
     step_fn: StepFn,
     params,
@@ -693,7 +689,7 @@ def decode(
     # Validation compares sequences as llama.cpp does (a recurrent state holds its last position
     # only): rollback snapshots must not make coupled sequences look diverged (§6.2).
     lo, hi = seq_pos_range(mem, cfg, snapshots=False)
-    # Coupled sequences must also share one recurrent state (§6.2.7): a token listing two
+    # Coupled sequences must also share one recurrent cell (§6.2.7): a token listing two
     # sequences with different histories would make the secondary's state adopt the primary's
     # while its attention cells keep its own (§15.1).
     batch, check = validate(
@@ -703,7 +699,7 @@ def decode(
         n_seq_max=cfg.n_seq_max,
         n_vocab=n_vocab,
         output_all=embd_all,
-        same_history=_coupled_states_equal(mem, batch, cfg),
+        history=mem.recurrent.cells.tail,
     )
     # The dry run keeps the KV slot of every ubatch, so applying them does not search again.
     plan, status, slots = _init_batch(

@@ -944,41 +944,6 @@ def seq_pos_max(mem: RecurrentMemory, seq, cfg: RecurrentConfig) -> Scalar:
     return _one_seq(seq_pos_range(mem, cfg)[1], seq, cfg)
 
 
-def same_state(
-    mem: RecurrentMemory, seq_a, seq_b, cfg: RecurrentConfig, *, where
-) -> Bool[Array, " pairs"]:
-    """Whether sequences ``seq_a[i]`` and ``seq_b[i]`` hold the same state: both none, one shared
-    cell, or two cells at one position whose ``r`` and ``s`` are bitwise equal in every layer
-    (a restored or re-computed copy of the same history). State rows are read only when some
-    pair with ``where[i]`` sits in two cells (a ``lax.cond``); other pairs in two cells are
-    reported False."""
-    tail = mem.cells.tail
-    ta, tb = tail[seq_a], tail[seq_b]
-    rs = cfg.rs_size
-
-    def rows_equal(a, b):
-        ca, cb = jnp.clip(a, 0, rs - 1), jnp.clip(b, 0, rs - 1)
-        same = mem.cells.pos[ca] == mem.cells.pos[cb]
-        for buf in (mem.r, mem.s):
-            flat_a = buf[:, ca].reshape(buf.shape[0], -1)
-            flat_b = buf[:, cb].reshape(buf.shape[0], -1)
-            # bitwise, so that -0.0 / NaN patterns compare as stored
-            same &= jnp.all(_bits(flat_a) == _bits(flat_b))
-        return same
-
-    def compare(_):
-        return jax.vmap(rows_equal)(ta, tb)
-
-    differ = (ta != tb) & (ta >= 0) & (tb >= 0) & where
-    equal_rows = jax.lax.cond(jnp.any(differ), compare, lambda _: jnp.zeros_like(differ), None)
-    return (ta == tb) | (differ & equal_rows)
-
-
-def _bits(x: Array) -> Array:
-    """``x`` reinterpreted as unsigned integers of its width (bitwise comparisons)."""
-    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
-
-
 def clear(
     mem: RecurrentMemory, cfg: RecurrentConfig, *, data: bool | ScalarBool = True
 ) -> RecurrentMemory:

@@ -56,7 +56,7 @@ def ref_validate(
     same_history=None,
 ) -> tuple[list[int], list[bool], RefCheck]:
     """Returns (positions, output flags, check). ``same_history(p, q)``: whether coupled
-    sequences hold the same history (the hybrid compares recurrent states), or None."""
+    sequences hold the same history (the hybrid: one recurrent cell), or None."""
     same = same_history or (lambda p, q: True)
     n = b.n
     if n == 0:

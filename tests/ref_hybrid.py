@@ -70,7 +70,7 @@ class RefHybrid:
             [r[1] for r in ranges],
             n_seq_max=self.n_seq_max,
             n_vocab=n_vocab,
-            same_history=self.recurrent.same_state,
+            same_history=lambda p, q: self.recurrent.tail[p] == self.recurrent.tail[q],
         )
         if check.code != rb.OK:
             return -1

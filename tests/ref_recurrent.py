@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import numpy as np
-
 INF = 2**31 - 1
 
 
@@ -88,20 +86,6 @@ class RefRecurrent:
     def groups(self) -> set[frozenset[int]]:
         """Which sequences share one state."""
         return {frozenset(c.seqs) for c in self.cells if c.seqs}
-
-    def same_state(self, a: int, b: int) -> bool:
-        """One cell, or two at one position with equal data (a copy of the same history)."""
-        ta, tb = self.tail[a], self.tail[b]
-        if ta == tb:
-            return True
-        if ta < 0 or tb < 0:
-            return False
-        ca, cb = self.cells[ta], self.cells[tb]
-        return ca.pos == cb.pos and all(
-            np.array_equal(x, y)
-            for la, lb in zip(ca.data, cb.data, strict=True)
-            for x, y in zip(la, lb, strict=True)
-        )
 
     def seq_data(self, s: int):
         t = self.tail[s]

@@ -304,16 +304,22 @@ def test_checkpoint_restores_a_turn_beyond_the_horizon():
         assert not bool(ok) and _trees_equal(new, before)
 
 
-def test_snapshots_do_not_make_coupled_sequences_look_diverged():
-    # Given sequences 0 and 1 with the same history, 1 restored without its snapshots, so their
-    # seq_pos_min differ (oldest kept state) while llama.cpp's positions agree
+def test_coupling_needs_one_shared_state_with_its_snapshots():
+    # Given sequence 0, a restored copy of it in 1 (no snapshots: its seq_pos_min differs) and a
+    # fork of it in 2 (one shared cell, snapshots included)
     cfg = _config(True)
     params = hm.init_params(0)
     mem = _rebuild(cfg, 4, params, {0: [1, 2, 3, 4, 5, 6, 7]})
     mem = jh.load_state(mem, cfg, jh.state_write(mem, cfg, 0), 1)
-    assert int(jh.seq_pos_min(mem, 0, cfg)) != int(jh.seq_pos_min(mem, 1, cfg))
-    # When a token shared by both is decoded, then the batch is valid (§6.2 coupling rule)
+    mem, ok = jh.seq_cp(mem, 0, 2, -1, -1, cfg)
+    assert bool(ok) and int(jh.seq_pos_min(mem, 0, cfg)) != int(jh.seq_pos_min(mem, 1, cfg))
+    dec = hm.decoder(cfg, 4, donate=False)
+    # When a token lists 0 and the copy, then it is refused: two cells are two histories (§6.2.7)
     batch = jh.make_batch([8], seq_ids=[[0, 1]], pos=[7], n_batch=N_BATCH)
-    _, mem, res = hm.decoder(cfg, 4, donate=False)(params, mem, batch)
+    _, _, res = dec(params, mem, batch)
+    assert int(res.check.code) == jh.BatchErrorCode.COUPLED_DIVERGED
+    # and a token listing 0 and the fork is decoded for both
+    batch = jh.make_batch([8], seq_ids=[[0, 2]], pos=[7], n_batch=N_BATCH)
+    _, mem, res = dec(params, mem, batch)
     jh.raise_for_result(res)
-    assert int(jh.seq_pos_max(mem, 1, cfg)) == 7
+    assert int(jh.seq_pos_max(mem, 2, cfg)) == 7

@@ -122,11 +122,12 @@ def jamba():
     return config, model, cfg, ref_logits, ref_tokens, mems[-1]
 
 
-def _assert_layout(mem, cfg, mesh):
+def _assert_layout(mem, cfg, mesh, what=None):
     """Every buffer of ``mem`` has the layout the rules give for ``mesh``."""
     want = jh.memory_sharding(cfg, mesh)
-    for got, exp in zip(jax.tree.leaves(mem), jax.tree.leaves(want), strict=True):
-        assert got.sharding.is_equivalent_to(exp, got.ndim), (got.sharding, exp)
+    leaves = jax.tree.leaves_with_path(mem)
+    for (path, got), exp in zip(leaves, jax.tree.leaves(want), strict=True):
+        assert got.sharding.is_equivalent_to(exp, got.ndim), (what, path, got.sharding, exp)
 
 
 def _hybrid_cfg(unified: bool) -> jh.HybridConfig:
@@ -386,11 +387,11 @@ def test_sequence_operations_keep_the_layout(jamba):
     ref, ref_oks = jax.jit(chain)(filled)
     # When each operation is jitted on its own and applied to the memory on the mesh
     mem = jh.shard_memory(filled, cfg, mesh)
-    for op, ref_ok in zip(ops, ref_oks, strict=True):
+    for i, (op, ref_ok) in enumerate(zip(ops, ref_oks, strict=True)):
         mem, ok = jax.jit(op)(mem)
         # Then every result keeps the layout
-        assert int(ok) == int(ref_ok)
-        _assert_layout(mem, cfg, mesh)
+        assert int(ok) == int(ref_ok), i
+        _assert_layout(mem, cfg, mesh, i)
     # and the end result is the single-device one
     for a, b in zip(jax.tree.leaves(mem), jax.tree.leaves(ref), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
