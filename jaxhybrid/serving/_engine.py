@@ -194,7 +194,9 @@ class Engine:
         n_prompt = int_arg(
             n_prompt, "n_prompt", lo=1, hi=cfg.kv.kv_size + 1, limit=f"kv_size={cfg.kv.kv_size}"
         )
-        n_stop = int_arg(n_stop, "n_stop", lo=0)
+        n_stop = int_arg(
+            n_stop, "n_stop", lo=0, hi=model.n_vocab + 1, limit=f"n_vocab={model.n_vocab}"
+        )
         n_keep = int_arg(n_keep, "n_keep", lo=0)
         if n_ctx_seq is not None:
             n_ctx_seq = int_arg(n_ctx_seq, "n_ctx_seq", lo=2)

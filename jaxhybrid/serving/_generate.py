@@ -331,7 +331,9 @@ def generate(
     if max(mnt) > cap:
         raise jh.InvalidArgumentError(f"max_new_tokens {max(mnt)} exceeds max_new={cap}")
     if n_stop is not None:
-        n_stop = int_arg(n_stop, "n_stop", lo=0)
+        n_stop = int_arg(
+            n_stop, "n_stop", lo=0, hi=model.n_vocab + 1, limit=f"n_vocab={model.n_vocab}"
+        )
     stops = check_stop_tokens(stop_tokens, n, n_stop)
     sp = sampling_params(n, temperature, top_k, top_p, seed)
     toks, lens = as_prompts(rows, n_prompt)
