@@ -396,6 +396,44 @@ def bench_kv_scaling(ctx: Ctx) -> list[dict]:
     ]
 
 
+def bench_decode_ubatch(ctx: Ctx) -> list[dict]:
+    """generate()'s decode step with a large prompt ubatch against one sized to the step (issue
+    21, item 3): the steps run in one ubatch of ``min(n_ubatch, n_seq)`` tokens either way."""
+    a = ctx.args
+    jm = JambaModel(ctx.config)
+    n_new = 16 if a.quick else 64
+    rows = []
+    for n_seq in (1, 8):
+        prompts = _prompts(n_seq, 16, ctx.config.vocab_size, seed=5).tolist()
+        cfg = jamba_hybrid_config(ctx.config, kv_size=256, n_seq_max=n_seq)
+        fns = {}
+        for n_ubatch in (64, n_seq):
+
+            def run(n, n_ubatch=n_ubatch, cfg=cfg, prompts=prompts):
+                mem = jh.init_hybrid(cfg)
+                t = time.perf_counter()
+                out = generate(
+                    jm, ctx.model, mem, prompts, cfg=cfg, max_new_tokens=n, max_new=n_new,
+                    n_ubatch=n_ubatch,
+                )  # fmt: skip
+                jax.block_until_ready(out.tokens)
+                return time.perf_counter() - t
+
+            fns[n_ubatch] = run
+        step, rounds = _step_seconds(fns, n_new, a.rounds)
+        rows += [
+            dict(
+                n_seq=n_seq,
+                n_ubatch=k,
+                ms_per_step=step[k] * 1e3,
+                ratio_to_step_sized=step[k] / step[n_seq],
+                spread=rounds.spread(f"{k}/n"),
+            )
+            for k in fns
+        ]
+    return rows
+
+
 def bench_scaling_table(ctx: Ctx) -> list[dict]:
     a = ctx.args
     n_new = 17
@@ -726,6 +764,20 @@ def _report(res: dict) -> str:
                 ],
             )
         )
+    if "decode_ubatch" in res:
+        out.append(
+            _fmt_table(
+                "generate() decode step by the n_ubatch asked for (steps use min(n_ubatch, seqs))",
+                res["decode_ubatch"],
+                [
+                    ("n_seq", "seqs", ""),
+                    ("n_ubatch", "n_ubatch", ""),
+                    ("ms_per_step", "ms/step", ".3f"),
+                    ("ratio_to_step_sized", "vs n_ubatch = seqs", ".2f"),
+                    ("spread", "spread", ".0%"),
+                ],
+            )
+        )
     if "kv_scaling" in res:
         out.append(
             _fmt_table(
@@ -821,7 +873,15 @@ def main(argv=None) -> dict:
         "--only",
         nargs="*",
         default=None,
-        choices=["decode", "kv_scaling", "scaling", "prefill", "retrace", "memory"],
+        choices=[
+            "decode",
+            "decode_ubatch",
+            "kv_scaling",
+            "scaling",
+            "prefill",
+            "retrace",
+            "memory",
+        ],
     )
     a = p.parse_args(argv)
     full = not a.quick
@@ -837,7 +897,8 @@ def main(argv=None) -> dict:
     a.api_peer = full  # generate() adds a compilation per batch size
     a.engine_steps = 1000 if full else 60
     a.rss_kv_size, a.rss_steps = (1 << 20, 1000) if full else (1 << 16, 50)
-    only = set(a.only or ["decode", "kv_scaling", "scaling", "prefill", "retrace", "memory"])
+    sections = ["decode", "decode_ubatch", "kv_scaling", "scaling", "prefill", "retrace", "memory"]
+    only = set(a.only or sections)
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="jaxhybrid-bench-"))
@@ -870,6 +931,7 @@ def main(argv=None) -> dict:
     ctx = Ctx(a, config, model, ckpt, gguf_path, llama_skip, res)
     for name, fn in [
         ("decode", bench_decode),
+        ("decode_ubatch", bench_decode_ubatch),
         ("kv_scaling", bench_kv_scaling),
         ("scaling", bench_scaling_table),
         ("prefill", bench_prefill),

@@ -19,7 +19,7 @@ from jaxhybrid.serving._batches import (
     check_tokens,
     int_arg,
 )
-from jaxhybrid.serving._generate import check_setup, prefill, sample_step
+from jaxhybrid.serving._generate import check_setup, decode_ubatch, prefill, sample_step
 from jaxhybrid.serving._sampling import SamplingParams, check_sampling
 from jaxhybrid.serving._usage import MemoryUsage, memory_usage
 
@@ -158,7 +158,8 @@ class Engine:
         params: the model's parameters (a pytree).
         cfg: the hybrid config (``model.memory_config(...)``); ``cfg.n_seq_max`` bounds the
             running requests.
-        n_ubatch: ubatch size.
+        n_ubatch: ubatch size of prompt decodes; a :meth:`step` (one token per sequence) runs in
+            one ubatch of ``min(n_ubatch, n_seq_max)`` tokens.
         n_prompt: static prompt capacity of one prefill call (longer prompts take several).
         n_stop: static number of stop tokens per request.
         n_ctx_seq: positions one sequence may hold (``None``: no limit and no context shift).
@@ -458,7 +459,7 @@ class Engine:
             jnp.asarray(stop),
             jnp.asarray(max_new),
             cfg=self.cfg,
-            n_ubatch=self.n_ubatch,
+            n_ubatch=decode_ubatch(self.n_ubatch, self.cfg.n_seq_max),
         )
         # The memory was donated: a failed decode hands it back bit-identical. The logits are
         # the failed step's zeros then, so the engine keeps its own (§15.5).

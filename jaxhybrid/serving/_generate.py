@@ -40,6 +40,7 @@ from jaxhybrid.serving._sampling import SamplingParams, sample, sampling_params
 __all__ = [
     "GenerateOutput",
     "check_setup",
+    "decode_ubatch",
     "decode_tokens",
     "generate",
     "model_decode",
@@ -122,6 +123,13 @@ def prefill(
     if not output_all:
         out = jnp.take_along_axis(out, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     return out, mem, res.code
+
+
+def decode_ubatch(n_ubatch: int, n_seq: int) -> int:
+    """The ubatch of a decode step of one token for each of ``n_seq`` rows: the step's own size,
+    not the prompt's ``n_ubatch`` (a 512-token ubatch for an 8-token step would pad it 64-fold);
+    at most ``n_ubatch`` (the caller's bound on a ubatch)."""
+    return max(1, min(n_ubatch, n_seq))
 
 
 def step_decode(model, params, mem, tokens, seq_ids, active, cfg, n_ubatch):
@@ -238,7 +246,7 @@ def _generate(
             max_new_seq,
             seq_ids,
             cfg=cfg,
-            n_ubatch=n_ubatch,
+            n_ubatch=decode_ubatch(n_ubatch, n_seq),
         )
         rows = jnp.where(c.active, jnp.arange(n_seq), n_seq)
         out = c.out.at[rows, c.count].set(st.tokens, mode="drop")
@@ -283,7 +291,8 @@ def generate(
         mem: a hybrid memory built with ``cfg`` (donated: do not reuse it).
         prompts: one list of token ids per sequence; an empty prompt leaves its row idle.
         cfg: the hybrid config (``model.memory_config(...)``).
-        n_ubatch: ubatch size of the decodes.
+        n_ubatch: ubatch size of the prompt decode; each later step (one token per prompt)
+            runs in one ubatch of ``min(n_ubatch, len(prompts))`` tokens.
         max_new_tokens: tokens to generate at most, for all or per sequence.
         seq_ids: sequence id of each prompt (default ``0..n-1``).
         stop_tokens: ids ending a sequence (kept in its output), for all or per sequence.
