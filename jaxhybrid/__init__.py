@@ -19,6 +19,7 @@ from jaxhybrid._batch import (
     split_simple,
     validate,
 )
+from jaxhybrid._cells import check_int
 from jaxhybrid._checkpoint import Checkpoint, checkpoint, restore_checkpoint
 from jaxhybrid._config import KVConfig, RecurrentConfig, SWAType
 from jaxhybrid._hybrid import (
@@ -118,6 +119,7 @@ __all__ = [
     "UBatchPlan",
     "apply",
     "can_shift",
+    "check_int",
     "checkpoint",
     "clear",
     "combine_status",

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxhybrid._cells import POS_INF
+from jaxhybrid._cells import POS_INF, check_int
 from jaxhybrid._status import InvalidArgumentError, InvalidTypeError, JaxHybridError
 from jaxhybrid.array_typing import Array, Bool, Float, Int, Scalar, ScalarBool
 
@@ -89,7 +89,7 @@ def _seq_lists(
         if len(seq_ids) != n:
             raise InvalidArgumentError(f"seq_ids has {len(seq_ids)} entries for {n} tokens")
         seq_lists = [
-            [_int_value(s, f"seq_ids[{i}]")]
+            [check_int(s, f"seq_ids[{i}]")]
             if np.ndim(s) == 0
             else _int_array(s, f"seq_ids[{i}]").tolist()
             for i, s in enumerate(seq_ids)
@@ -143,18 +143,8 @@ def _pad_to(a: np.ndarray, n_batch: int, fill, dtype) -> np.ndarray:
 _INT32 = np.iinfo(np.int32)
 
 
-def _int_value(v, what: str) -> int:
-    """One integer argument, never converted (§15.6): a bool or a float is refused, and so is an
-    integer outside int32."""
-    if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer):
-        raise InvalidTypeError(f"{what} must be an integer, got {type(v).__name__} {v!r}")
-    if not _INT32.min <= int(v) <= _INT32.max:
-        raise InvalidArgumentError(f"{what} = {int(v)} is outside int32")
-    return int(v)
-
-
 def _int_array(values, what: str) -> np.ndarray:
-    """A flat int32 array of integer values (see :func:`_int_value`); an integer array is
+    """A flat int32 array of integer values (see :func:`check_int`); an integer array is
     checked at once, anything else element by element."""
     if isinstance(values, np.ndarray | jax.Array):
         arr = np.asarray(values).reshape(-1)
@@ -166,7 +156,7 @@ def _int_array(values, what: str) -> np.ndarray:
             raise InvalidArgumentError(f"{what}[{i}] = {arr[i]} is outside int32")
         return arr.astype(np.int32)
     items = np.asarray(values, dtype=object).reshape(-1)
-    return np.asarray([_int_value(v, f"{what}[{i}]") for i, v in enumerate(items)], np.int32)
+    return np.asarray([check_int(v, f"{what}[{i}]") for i, v in enumerate(items)], np.int32)
 
 
 def make_batch(

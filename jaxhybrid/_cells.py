@@ -20,6 +20,7 @@ __all__ = [
     "I32",
     "POS_INF",
     "add_overflows",
+    "check_int",
     "drop_empty",
     "i32_scalar",
     "lower_head",
@@ -34,6 +35,39 @@ INT32_MIN = int(np.iinfo(np.int32).min)
 _Cells = TypeVar("_Cells")
 
 
+def check_int(
+    v, what: str = "value", lo: int | None = None, hi: int | None = None, limit: str = ""
+) -> int:
+    """One integer argument on the host, as a Python int, never converted (§15.6).
+
+    Args:
+        v: the value: a Python or NumPy integer, or a 0-d integer array.
+        what: its name in messages.
+        lo, hi: the range it must lie in, ``[lo, hi)`` (None: int32's bound).
+        limit: where the range comes from, added to the message (e.g. ``"n_seq_max=4"``).
+
+    Raises:
+        InvalidTypeError: ``v`` is not an integer (a bool, a float, NaN, a string, None).
+        InvalidArgumentError: ``v`` is outside int32 or outside ``[lo, hi)``.
+
+    Examples:
+        >>> check_int(3, "seq", lo=0, hi=4)
+        3
+    """
+    if getattr(v, "shape", None) == () and hasattr(v, "dtype"):
+        v = np.asarray(v)[()]  # a 0-d array: its value can be checked
+    if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer):
+        raise InvalidTypeError(f"{what} must be an integer, got {type(v).__name__} {v!r}")
+    v = int(v)
+    if not INT32_MIN <= v <= POS_INF:
+        raise InvalidArgumentError(f"{what} = {v} is outside int32 [{INT32_MIN}, {POS_INF}]")
+    if (lo is not None and v < lo) or (hi is not None and v >= hi):
+        span = f"[{lo}, {hi})" if hi is not None else f"[{lo}, {POS_INF}]"
+        why = f" ({limit})" if limit else ""
+        raise InvalidArgumentError(f"{what} = {v} is outside {span}{why}")
+    return v
+
+
 def i32_scalar(x, what: str = "value") -> Scalar:
     """``x`` as an int32 scalar: a Python or NumPy integer inside int32, or an integer (traced or
     concrete) scalar array. Nothing is converted silently: a bool, a float or a non-integer array
@@ -41,18 +75,11 @@ def i32_scalar(x, what: str = "value") -> Scalar:
     :class:`InvalidArgumentError` (§15.6); messages name the argument ``what``."""
     if isinstance(x, np.ndarray) and x.shape == ():
         x = x[()]  # a NumPy scalar: its value can be checked
-    if isinstance(x, bool | np.bool_ | float | np.floating | complex):
-        raise InvalidTypeError(f"{what} must be an integer, got {type(x).__name__} {x!r}")
-    if isinstance(x, int | np.integer):
-        if not INT32_MIN <= int(x) <= POS_INF:
-            raise InvalidArgumentError(
-                f"{what} = {int(x)} is outside int32 [{INT32_MIN}, {POS_INF}]"
-            )
-        return jnp.asarray(x, I32)
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    if not hasattr(x, "dtype") or isinstance(x, np.generic):  # a host value: check it
+        return jnp.asarray(check_int(x, what), I32)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
         raise InvalidTypeError(
-            f"{what} must be an integer scalar, got {type(x).__name__} of dtype {dtype}"
+            f"{what} must be an integer scalar, got {type(x).__name__} of dtype {x.dtype}"
         )
     x = jnp.asarray(x)
     if x.shape != ():

@@ -28,12 +28,16 @@ llama.cpp instead clears the destination sequence, or everything, on a failed re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
 import json
+import math
 import os
+import stat
 import struct
+import uuid
 import zlib
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -42,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxhybrid._batch import _int_array
 from jaxhybrid._config import KVConfig, RecurrentConfig
 from jaxhybrid._hybrid import HybridConfig, HybridMemory
 from jaxhybrid._kv_cache import KVCache, KVCells
@@ -1116,8 +1121,8 @@ def _max_file_bytes(cfg: Config, n_tokens: int) -> int:
         blob += 4 + kv.n_stream * per_stream
     if recr is not None:
         rows = (
-            functools.reduce(int.__mul__, recr.r_shape, 1) * np.dtype(recr.dtype_r).itemsize,
-            functools.reduce(int.__mul__, recr.s_shape, 1) * np.dtype(recr.dtype_s).itemsize,
+            math.prod(recr.r_shape) * np.dtype(recr.dtype_r).itemsize,
+            math.prod(recr.s_shape) * np.dtype(recr.dtype_s).itemsize,
         )
         blob += 4 + _max_record_bytes(
             recr.rs_size, recr.n_seq_max, recr.n_layers, rows, recr.n_snapshots
@@ -1166,12 +1171,6 @@ def save_state_file(
             :func:`state_write`).
         StateError: the file cannot be written (the message has the system's reason).
     """
-    import contextlib
-    import stat
-    import uuid
-
-    from jaxhybrid._batch import _int_array
-
     dst = _file_path(path, "path")
     seq_id, flags = _file_args(mem, cfg, seq_id, flags)
     try:
@@ -1244,8 +1243,6 @@ def load_state_file(
             file of this memory, is not a state file, or its state cannot be restored (the
             memory given is untouched).
     """
-    import stat
-
     src = _file_path(path, "path")
     seq_id, flags = _file_args(mem, cfg, seq_id, flags)
     try:

@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 _I32 = jnp.int32
-_INT32 = np.iinfo(np.int32)
 
 
 # -- host-side argument checks --------------------------------------------------------------------
@@ -49,30 +48,8 @@ def _unwrap(v):
     return v
 
 
-def int_arg(v, what: str, lo: int | None = None, hi: int | None = None, limit: str = "") -> int:
-    """One integer argument as a Python int, never converted (§15.6).
-
-    Args:
-        v: the value.
-        what: its name in messages.
-        lo, hi: the range it must lie in, ``[lo, hi)`` (None: int32's bound).
-        limit: where the range comes from, added to the message (e.g. ``"n_seq_max=4"``).
-
-    Raises:
-        jaxhybrid.InvalidTypeError: ``v`` is not an integer (a bool, a float, NaN, a string).
-        jaxhybrid.InvalidArgumentError: ``v`` is outside int32 or outside ``[lo, hi)``.
-    """
-    v = _unwrap(v)
-    if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer):
-        raise jh.InvalidTypeError(f"{what} must be an integer, got {type(v).__name__} {v!r}")
-    v = int(v)
-    if not _INT32.min <= v <= _INT32.max:
-        raise jh.InvalidArgumentError(f"{what} = {v} is outside int32 [{_INT32.min}, {_INT32.max}]")
-    if (lo is not None and v < lo) or (hi is not None and v >= hi):
-        span = f"[{lo}, {hi})" if hi is not None else f"[{lo}, {_INT32.max}]"
-        why = f" ({limit})" if limit else ""
-        raise jh.InvalidArgumentError(f"{what} = {v} is outside {span}{why}")
-    return v
+# One integer argument, never converted (§15.6), in a range: the core's host-side check.
+int_arg = jh.check_int
 
 
 def real_arg(v, what: str) -> float:

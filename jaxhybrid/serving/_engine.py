@@ -554,9 +554,8 @@ class Engine:
             jaxhybrid.InvalidTypeError: ``saved`` is not a :class:`SavedRequest`, or ``seq`` or
                 ``flags`` not an integer.
             jaxhybrid.InvalidArgumentError: ``seq`` is out of range or running, ``flags`` has
-                unknown bits, or the saved
-                request does not fit this engine (its logits' vocabulary, its tokens or its
-                settings, checked as in :meth:`submit`).
+                unknown bits, or the saved request does not fit this engine (its logits'
+                vocabulary, its tokens or its settings, checked as in :meth:`submit`).
             EngineError: no free sequence id.
             jaxhybrid.StateError: the record does not fit this memory (the message says why).
         """
