@@ -79,11 +79,27 @@ _I32 = jnp.int32
 
 
 class LayerKind(enum.IntEnum):
-    """Which memory part serves a model layer."""
+    """Which memory parts serve a model layer (a bit set: ``BOTH = ATTENTION | RECURRENT``).
+
+    ``BOTH`` is a layer that runs attention and a recurrent mixer side by side (Falcon-H1: llama.cpp
+    sets both filters to true for it); it owns rows in the KV cache and states in the recurrent
+    memory, and has an index in each part.
+    """
 
     NONE = 0
     ATTENTION = 1
     RECURRENT = 2
+    BOTH = 3
+
+    @property
+    def attention(self) -> bool:
+        """The attention part serves the layer."""
+        return bool(self & LayerKind.ATTENTION)
+
+    @property
+    def recurrent(self) -> bool:
+        """The recurrent part serves the layer."""
+        return bool(self & LayerKind.RECURRENT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +126,8 @@ class HybridConfig:
                 f"both parts must have the same n_seq_max, got kv={self.kv.n_seq_max} and "
                 f"recurrent={self.recurrent.n_seq_max}"
             )
-        n_attn = sum(k == LayerKind.ATTENTION for k in kinds)
-        n_recr = sum(k == LayerKind.RECURRENT for k in kinds)
+        n_attn = sum(k.attention for k in kinds)
+        n_recr = sum(k.recurrent for k in kinds)
         if self.kv.n_layers != n_attn or self.recurrent.n_layers != n_recr:
             raise InvalidArgumentError(
                 f"layer_kinds route {n_attn} attention and {n_recr} recurrent layers, but the "
@@ -138,6 +154,10 @@ class HybridConfig:
             filter_attn: layer index -> served by attention (default: not recurrent).
             filter_recr: layer index -> served by the recurrent part (default: recurrent).
 
+        A layer both filters select is served by both parts (``LayerKind.BOTH``: attention and a
+        recurrent mixer in parallel, as Falcon-H1); one neither selects has no memory
+        (``LayerKind.NONE``: an MLP-only layer, as Nemotron-H's).
+
         Examples:
             >>> cfg = HybridConfig.from_layers(
             ...     [True, False, True, True], KVConfig(kv_size=16), RecurrentConfig()
@@ -148,16 +168,14 @@ class HybridConfig:
         flags = [bool(x) for x in layer_is_recurrent]
         f_attn = filter_attn or (lambda il: not flags[il])
         f_recr = filter_recr or (lambda il: flags[il])
-        kinds = []
-        for il in range(len(flags)):
-            a, r = bool(f_attn(il)), bool(f_recr(il))
-            if a and r:
-                raise InvalidArgumentError(
-                    f"layer {il} is selected by both filter_attn and filter_recr"
-                )
-            kinds.append(LayerKind.ATTENTION if a else LayerKind.RECURRENT if r else LayerKind.NONE)
-        n_attn = kinds.count(LayerKind.ATTENTION)
-        n_recr = kinds.count(LayerKind.RECURRENT)
+        kinds = [
+            LayerKind(
+                LayerKind.ATTENTION * bool(f_attn(il)) | LayerKind.RECURRENT * bool(f_recr(il))
+            )
+            for il in range(len(flags))
+        ]
+        n_attn = sum(k.attention for k in kinds)
+        n_recr = sum(k.recurrent for k in kinds)
         return cls(
             kv=dataclasses.replace(kv, n_layers=n_attn),
             recurrent=dataclasses.replace(recurrent, n_layers=n_recr),
@@ -171,23 +189,41 @@ class HybridConfig:
     @property
     def attn_layers(self) -> tuple[int, ...]:
         """Model layers served by the attention part, in order."""
-        return tuple(i for i, k in enumerate(self.layer_kinds) if k == LayerKind.ATTENTION)
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k.attention)
 
     @property
     def recurrent_layers(self) -> tuple[int, ...]:
         """Model layers served by the recurrent part, in order."""
-        return tuple(i for i, k in enumerate(self.layer_kinds) if k == LayerKind.RECURRENT)
+        return tuple(i for i, k in enumerate(self.layer_kinds) if k.recurrent)
 
     def sub_index(self, layer: int) -> tuple[LayerKind, int]:
-        """``(kind, index inside that part)`` of model layer ``layer`` (-1 for NONE)."""
-        if not 0 <= layer < len(self.layer_kinds):
-            raise InvalidArgumentError(f"layer {layer} out of range [0, {len(self.layer_kinds)})")
-        kind = self.layer_kinds[layer]
-        if kind == LayerKind.ATTENTION:
+        """``(kind, index inside that part)`` of model layer ``layer`` (-1 for NONE; for BOTH, the
+        index in the attention part: use :meth:`part_index` for either part)."""
+        kind = self._kind(layer)
+        if kind.attention:
             return kind, self.attn_layers.index(layer)
-        if kind == LayerKind.RECURRENT:
+        if kind.recurrent:
             return kind, self.recurrent_layers.index(layer)
         return kind, -1
+
+    def part_index(self, layer: int, part: LayerKind) -> int:
+        """Index of model layer ``layer`` inside ``part`` (``ATTENTION`` or ``RECURRENT``).
+
+        Raises:
+            InvalidArgumentError: ``part`` does not serve the layer.
+        """
+        kind = self._kind(layer)
+        if part not in (LayerKind.ATTENTION, LayerKind.RECURRENT) or not kind & part:
+            raise InvalidArgumentError(
+                f"model layer {layer} is served by {kind.name}, not {LayerKind(part).name}"
+            )
+        layers = self.attn_layers if part == LayerKind.ATTENTION else self.recurrent_layers
+        return layers.index(layer)
+
+    def _kind(self, layer: int) -> LayerKind:
+        if not 0 <= layer < len(self.layer_kinds):
+            raise InvalidArgumentError(f"layer {layer} out of range [0, {len(self.layer_kinds)})")
+        return self.layer_kinds[layer]
 
     @property
     def split_kind(self) -> tuple[SplitKind, bool]:
@@ -508,10 +544,7 @@ def _apply_ubatch(
 
 
 def _sub(cfg: HybridConfig, layer: int, kind: LayerKind) -> int:
-    got, idx = cfg.sub_index(layer)
-    if got != kind:
-        raise InvalidArgumentError(f"model layer {layer} is served by {got.name}, not {kind.name}")
-    return idx
+    return cfg.part_index(layer, kind)
 
 
 def write_kv(

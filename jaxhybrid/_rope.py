@@ -7,14 +7,14 @@ rotating it once more by ``d``: this is how pending cell shifts are applied lazi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 
 import jax.numpy as jnp
 
 from jaxhybrid._status import InvalidArgumentError
 from jaxhybrid.array_typing import Array, Float, Shaped
 
-__all__ = ["rope", "rope_shift_fn"]
+__all__ = ["RopeShift", "rope", "rope_shift_fn"]
 
 
 def rope(
@@ -23,6 +23,7 @@ def rope(
     *,
     theta: float = 10000.0,
     neox: bool = False,
+    n_rot: int | None = None,
 ) -> Float[Array, "*lead heads head_dim"]:
     """Rotates ``x`` to positions ``pos``.
 
@@ -30,8 +31,10 @@ def rope(
         x: ``[..., heads, head_dim]`` features (``head_dim`` even).
         pos: ``[...]`` positions (or position deltas), integer or float.
         theta: frequency base.
-        neox: pair feature ``i`` with ``i + head_dim / 2`` (GPT-NeoX layout) instead of the
+        neox: pair feature ``i`` with ``i + n_rot / 2`` (GPT-NeoX layout) instead of the
             interleaved pairs ``(2i, 2i + 1)`` (GPT-J / llama layout).
+        n_rot: rotate only the first ``n_rot`` features (partial rotary embedding, frequencies
+            ``theta ** (-2 i / n_rot)``); the others pass unchanged. Default: all of them.
 
     Returns:
         The rotated features, same shape and dtype as ``x`` (computed in float32).
@@ -43,9 +46,15 @@ def rope(
         >>> bool(jnp.allclose(twice, rope(x, jnp.array([5]))))
         True
     """
-    d = x.shape[-1]
-    if d % 2:
-        raise InvalidArgumentError(f"rope needs an even head_dim, got {d}")
+    n_rot = x.shape[-1] if n_rot is None else n_rot
+    if not 0 < n_rot <= x.shape[-1] or n_rot % 2:
+        raise InvalidArgumentError(
+            f"rope needs an even n_rot in (0, head_dim={x.shape[-1]}], got {n_rot}"
+        )
+    if n_rot < x.shape[-1]:
+        rotated = rope(x[..., :n_rot], pos, theta=theta, neox=neox)
+        return jnp.concatenate([rotated, x[..., n_rot:]], axis=-1)
+    d = n_rot
     if pos.shape != x.shape[:-2]:
         raise InvalidArgumentError(f"pos must have shape {x.shape[:-2]}, got {pos.shape}")
     half = d // 2
@@ -62,15 +71,31 @@ def rope(
     return out.astype(x.dtype)
 
 
-def rope_shift_fn(*, theta: float = 10000.0, neox: bool = False) -> Callable[[Array, Array], Array]:
+@dataclasses.dataclass(frozen=True)
+class RopeShift:
+    """``rope_fn(k, delta_pos) -> k`` for the K-shift of :func:`jaxhybrid.kv.update`: rotates
+    cached K rows by a position delta with the model's RoPE parameters (see :func:`rope`).
+
+    A frozen dataclass, so equal parameters give equal (and equally hashed) functions: a plug-in's
+    ``rope_fn`` is a static argument of jitted serving functions and must not retrace them.
+    """
+
+    theta: float = 10000.0
+    neox: bool = False
+    n_rot: int | None = None
+
+    def __call__(self, k, delta_pos):
+        return rope(k, delta_pos, theta=self.theta, neox=self.neox, n_rot=self.n_rot)
+
+
+def rope_shift_fn(
+    *, theta: float = 10000.0, neox: bool = False, n_rot: int | None = None
+) -> RopeShift:
     """A ``rope_fn(k, delta_pos) -> k`` for :func:`jaxhybrid._kv_cache.update`.
 
     Args:
         theta: the model's RoPE frequency base.
         neox: the model uses the NeoX (half-split) layout.
+        n_rot: the rotated features of a partial rotary embedding (default: the whole head).
     """
-
-    def rope_fn(k, delta_pos):
-        return rope(k, delta_pos, theta=theta, neox=neox)
-
-    return rope_fn
+    return RopeShift(theta=theta, neox=neox, n_rot=n_rot)

@@ -35,12 +35,13 @@ from jaxhybrid._kv_cache import (
     used_span,
     write_kv,
 )
-from jaxhybrid._rope import rope, rope_shift_fn
+from jaxhybrid._rope import RopeShift, rope, rope_shift_fn
 
 __all__ = [
     "KVCache",
     "KVCells",
     "KVSlot",
+    "RopeShift",
     "additive_mask",
     "apply_ubatch",
     "can_shift",

@@ -354,8 +354,20 @@ def test_config_routing_and_errors():
         [True, False, True, False], kv, rc, filter_attn=lambda il: il == 3
     )
     assert custom.sub_index(1) == (jh.LayerKind.NONE, -1)
-    with pytest.raises(ValueError, match="both filter_attn and filter_recr"):
-        jh.HybridConfig.from_layers([True], kv, rc, filter_attn=lambda il: True)
+    # Falcon-H1: every layer in both parts; Nemotron-H: MLP layers in neither.
+    both = jh.HybridConfig.from_layers(
+        [True, False, True], kv, rc, filter_attn=lambda il: il != 2, filter_recr=lambda il: il != 1
+    )
+    assert both.layer_kinds == (jh.LayerKind.BOTH, jh.LayerKind.ATTENTION, jh.LayerKind.RECURRENT)
+    assert both.attn_layers == (0, 1) and both.recurrent_layers == (0, 2)
+    assert (both.kv.n_layers, both.recurrent.n_layers) == (2, 2)
+    assert both.part_index(0, jh.LayerKind.RECURRENT) == 0
+    assert both.part_index(2, jh.LayerKind.RECURRENT) == 1
+    assert both.part_index(1, jh.LayerKind.ATTENTION) == 1
+    with pytest.raises(ValueError, match="served by ATTENTION, not RECURRENT"):
+        both.part_index(1, jh.LayerKind.RECURRENT)
+    with pytest.raises(ValueError, match="served by NONE, not ATTENTION"):
+        custom.part_index(1, jh.LayerKind.ATTENTION)
     with pytest.raises(ValueError, match="same n_seq_max"):
         jh.HybridConfig.from_layers([True], kv, hm.recurrent_config(3))
     with pytest.raises(ValueError, match="served by ATTENTION, not RECURRENT"):

@@ -11,14 +11,23 @@ plug-in, the :class:`ModelMemory` protocol every model step runs against, and
 
 from jaxhybrid.models._dense_memory import DenseMemory, init_dense_memory
 from jaxhybrid.models._hybrid_adapter import (
+    FlaxHybridModel,
     HybridModelMemory,
     JambaModel,
+    hybrid_step_fn,
     jamba_hybrid_config,
     jamba_step_fn,
+    layer_memory_config,
 )
-from jaxhybrid.models._loader import hf_tensor_shapes, load_jamba
+from jaxhybrid.models._loader import Slot, hf_tensor_shapes, load_checkpoint, load_jamba
 from jaxhybrid.models._protocol import ModelMemory
-from jaxhybrid.models._sharding import jamba_param_sharding, jamba_param_specs, shard_jamba
+from jaxhybrid.models._registry import SUPPORTED_MODEL_TYPES, load_model
+from jaxhybrid.models._sharding import (
+    jamba_param_sharding,
+    jamba_param_specs,
+    rule_param_specs,
+    shard_jamba,
+)
 from jaxhybrid.models.jamba import (
     Jamba,
     JambaAttention,
@@ -31,7 +40,10 @@ from jaxhybrid.models.jamba import (
 )
 
 __all__ = [
+    "SUPPORTED_MODEL_TYPES",
     "DenseMemory",
+    "FlaxHybridModel",
+    "Slot",
     "HybridModelMemory",
     "Jamba",
     "JambaAttention",
@@ -43,12 +55,17 @@ __all__ = [
     "ModelMemory",
     "forward",
     "hf_tensor_shapes",
+    "hybrid_step_fn",
     "init_dense_memory",
     "init_jamba",
     "jamba_hybrid_config",
     "jamba_param_sharding",
     "jamba_param_specs",
     "jamba_step_fn",
+    "layer_memory_config",
+    "load_checkpoint",
     "load_jamba",
+    "load_model",
+    "rule_param_specs",
     "shard_jamba",
 ]

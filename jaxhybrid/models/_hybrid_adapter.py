@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +29,18 @@ from flax import nnx
 
 import jaxhybrid as jh
 from jaxhybrid.array_typing import Array, Int, Scalar
-from jaxhybrid.models._sharding import jamba_param_specs
+from jaxhybrid.models._sharding import jamba_param_specs, rule_param_specs
 from jaxhybrid.models.jamba import JambaConfig, forward
 
-__all__ = ["HybridModelMemory", "JambaModel", "jamba_hybrid_config", "jamba_step_fn"]
+__all__ = [
+    "FlaxHybridModel",
+    "HybridModelMemory",
+    "JambaModel",
+    "hybrid_step_fn",
+    "jamba_hybrid_config",
+    "jamba_step_fn",
+    "layer_memory_config",
+]
 
 
 class _MambaStates:
@@ -169,37 +177,30 @@ def jamba_hybrid_config(
         n_snapshots: rollback horizon of the Mamba states (see
             :class:`~jaxhybrid.RecurrentConfig`; 0 = off).
     """
-    dtype = config.jnp_dtype if dtype is None else dtype
-    kv = jh.KVConfig(
-        kv_size=kv_size,
-        n_seq_max=n_seq_max,
-        n_kv_heads=config.num_key_value_heads,
-        head_dim_k=config.head_dim,
-        dtype_k=dtype,
-        dtype_v=dtype,
-        unified=unified,
+    layout = JambaModel(config).memory_layout()
+    if dtype is not None:
+        layout["dtype"] = dtype
+    return layer_memory_config(
+        **layout, kv_size=kv_size, n_seq_max=n_seq_max, unified=unified, n_snapshots=n_snapshots
     )
-    recr = jh.RecurrentConfig(
-        n_seq_max=n_seq_max,
-        r_shape=(config.mamba_d_conv - 1, config.d_inner),
-        s_shape=(config.d_inner, config.mamba_d_state),
-        dtype_r=dtype,
-        dtype_s=jnp.float32,
-        n_snapshots=n_snapshots,
-    )
-    return jh.HybridConfig.from_layers([t == "mamba" for t in config.layer_types], kv, recr)
 
 
-def jamba_step_fn(
-    graphdef: Any, cfg: jh.HybridConfig, *, used_span: bool = True, min_span: int = 256
+def hybrid_step_fn(
+    forward_fn: Callable,
+    graphdef: Any,
+    cfg: jh.HybridConfig,
+    *,
+    used_span: bool = True,
+    min_span: int = 256,
 ) -> Callable:
     """The ``step_fn(params, ubatch, mem, placement) -> (logits, mem)`` of :func:`jaxhybrid.decode`
-    for Jamba.
+    for any model whose forward runs against :class:`~jaxhybrid.models.ModelMemory`.
 
     Args:
+        forward_fn: ``forward_fn(model, tokens, pos, valid, mem) -> (logits, mem)`` (as
+            :func:`jaxhybrid.models.forward`).
         graphdef: the model's ``nnx.split`` graph definition, then ``params`` is its state; or
-            ``None``, then ``params`` is the :class:`~jaxhybrid.models.Jamba` module itself (a
-            pytree in Flax >= 0.12).
+            ``None``, then ``params`` is the model module itself (a pytree in Flax >= 0.12).
         cfg: the hybrid config the memory was built with.
         used_span: attend over the smallest span of :func:`jaxhybrid.kv.n_kv_spans` that covers
             the used cells (§2.7), chosen at run time; False attends over every cell. Both give
@@ -219,7 +220,7 @@ def jamba_step_fn(
         model = params if graphdef is None else nnx.merge(graphdef, params)
         if not used_span:
             bound = HybridModelMemory(mem=mem, place=place, n_seqs=ub.n_seqs, cfg=cfg)
-            logits, bound = forward(model, ub.token, ub.pos, ub.valid, bound)
+            logits, bound = forward_fn(model, ub.token, ub.pos, ub.valid, bound)
             return logits, bound.mem
 
         per_token = n_stream > 1 and ub.token.shape[0] <= n_stream
@@ -238,7 +239,7 @@ def jamba_step_fn(
                 n_kv=span,
                 per_token=per_token,
             )
-            logits, bound = forward(model, ub.token, ub.pos, ub.valid, bound)
+            logits, bound = forward_fn(model, ub.token, ub.pos, ub.valid, bound)
             return logits, bound.mem.recurrent, bound.k_rows, bound.v_rows
 
         logits, recr, k_rows, v_rows = jh.kv.switch_span(place.n_kv, spans, run, mem.recurrent)
@@ -251,8 +252,137 @@ def jamba_step_fn(
     return step_fn
 
 
+def jamba_step_fn(
+    graphdef: Any, cfg: jh.HybridConfig, *, used_span: bool = True, min_span: int = 256
+) -> Callable:
+    """:func:`hybrid_step_fn` for Jamba (:func:`jaxhybrid.models.forward`)."""
+    return hybrid_step_fn(forward, graphdef, cfg, used_span=used_span, min_span=min_span)
+
+
+def layer_memory_config(
+    layer_kinds,
+    *,
+    n_kv_heads: int,
+    head_dim: int,
+    r_shape: tuple[int, ...],
+    s_shape: tuple[int, ...],
+    kv_size: int,
+    n_seq_max: int,
+    unified: bool = True,
+    dtype=jnp.float32,
+    n_snapshots: int = 0,
+    head_dim_v: int | None = None,
+) -> jh.HybridConfig:
+    """A hybrid memory layout from the parts serving each model layer.
+
+    Args:
+        layer_kinds: a :class:`jaxhybrid.LayerKind` per model layer (``BOTH`` for a layer with
+            attention and a recurrent mixer side by side, ``NONE`` for an MLP-only layer).
+        n_kv_heads, head_dim: the attention layers' KV heads and K width (``head_dim_v``: V's
+            width when it differs).
+        r_shape, s_shape: one sequence's conv (``r``) and SSM (``s``, kept in float32) state per
+            recurrent layer.
+        kv_size, n_seq_max, unified, n_snapshots: as :meth:`jaxhybrid.HybridModel.memory_config`.
+        dtype: K/V and conv-state dtype.
+    """
+    kinds = tuple(jh.LayerKind(k) for k in layer_kinds)
+    kv = jh.KVConfig(
+        kv_size=kv_size,
+        n_seq_max=n_seq_max,
+        n_kv_heads=n_kv_heads,
+        head_dim_k=head_dim,
+        head_dim_v=head_dim_v,
+        dtype_k=dtype,
+        dtype_v=dtype,
+        unified=unified,
+    )
+    recr = jh.RecurrentConfig(
+        n_seq_max=n_seq_max,
+        r_shape=tuple(r_shape),
+        s_shape=tuple(s_shape),
+        dtype_r=dtype,
+        dtype_s=jnp.float32,
+        n_snapshots=n_snapshots,
+    )
+    return jh.HybridConfig.from_layers(
+        [k.recurrent for k in kinds],
+        kv,
+        recr,
+        filter_attn=lambda il: kinds[il].attention,
+        filter_recr=lambda il: kinds[il].recurrent,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
-class JambaModel:
+class FlaxHybridModel:
+    """Base of the Flax model families' plug-ins (:class:`jaxhybrid.HybridModel`).
+
+    A family subclasses it as a frozen dataclass and provides its forward
+    (``forward_fn = staticmethod(...)``, see :func:`hybrid_step_fn`), its memory layout
+    (:meth:`memory_layout`), its RoPE (:attr:`rope_fn`, None by default) and its tensor-parallel
+    rules (:attr:`sharding_rules`); the rest is shared. Hashable by value (config and graphdef),
+    so it is a static argument of every jitted serving function.
+
+    Attributes:
+        config: the family's config (frozen, hashable; ``vocab_size`` is the vocabulary).
+        graphdef: the model's ``nnx.split`` graph definition when ``params`` is its state; None
+            when ``params`` is the model module itself (a pytree in Flax >= 0.12).
+        used_span: attend over the used cells only (see :func:`hybrid_step_fn`).
+        min_span: the smallest attention span.
+    """
+
+    config: Any
+    graphdef: Any = None
+    used_span: bool = True
+    min_span: int = 256
+
+    forward_fn: ClassVar[Callable]
+    sharding_rules: ClassVar[dict[tuple[str, ...], int]] = {}
+
+    @property
+    def n_vocab(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def per_token_states(self) -> bool:
+        # Every family's mixers hand each token's states to ``set_ssm_states``.
+        return True
+
+    @property
+    def rope_fn(self) -> Callable | None:
+        return None
+
+    def memory_layout(self) -> dict[str, Any]:
+        """The family's arguments of :func:`layer_memory_config` other than the sizes
+        (``layer_kinds``, ``n_kv_heads``, ``head_dim``, ``r_shape``, ``s_shape``, ``dtype``)."""
+        raise NotImplementedError
+
+    def memory_config(
+        self, *, kv_size: int, n_seq_max: int, unified: bool = True, n_snapshots: int = 0
+    ) -> jh.HybridConfig:
+        return layer_memory_config(
+            **self.memory_layout(),
+            kv_size=kv_size,
+            n_seq_max=n_seq_max,
+            unified=unified,
+            n_snapshots=n_snapshots,
+        )
+
+    def step_fn(self, cfg: jh.HybridConfig) -> jh.StepFn:
+        return hybrid_step_fn(
+            type(self).forward_fn,
+            self.graphdef,
+            cfg,
+            used_span=self.used_span,
+            min_span=self.min_span,
+        )
+
+    def param_specs(self, params, mesh):
+        return rule_param_specs(params, mesh, self.sharding_rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class JambaModel(FlaxHybridModel):
     """Jamba as a :class:`jaxhybrid.HybridModel` plug-in for :mod:`jaxhybrid.serving`.
 
     Hashable by value (its config and graphdef), so it is a static argument of every jitted
@@ -276,38 +406,21 @@ class JambaModel:
         ((1,), (0,), 16)
     """
 
-    config: JambaConfig
-    graphdef: Any = None
-    used_span: bool = True
-    min_span: int = 256
+    forward_fn = staticmethod(forward)
 
-    @property
-    def n_vocab(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def per_token_states(self) -> bool:
-        # The Mamba mixer hands every token's conv and SSM state to ``set_ssm_states``.
-        return True
-
-    @property
-    def rope_fn(self) -> None:
-        # Jamba's attention has no positional encoding: a shift leaves cached K as it is.
-        return None
-
-    def memory_config(
-        self, *, kv_size: int, n_seq_max: int, unified: bool = True, n_snapshots: int = 0
-    ) -> jh.HybridConfig:
-        return jamba_hybrid_config(
-            self.config,
-            kv_size=kv_size,
-            n_seq_max=n_seq_max,
-            unified=unified,
-            n_snapshots=n_snapshots,
+    def memory_layout(self) -> dict[str, Any]:
+        c = self.config
+        return dict(
+            layer_kinds=[
+                jh.LayerKind.RECURRENT if t == "mamba" else jh.LayerKind.ATTENTION
+                for t in c.layer_types
+            ],
+            n_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            r_shape=(c.mamba_d_conv - 1, c.d_inner),
+            s_shape=(c.d_inner, c.mamba_d_state),
+            dtype=c.jnp_dtype,
         )
-
-    def step_fn(self, cfg: jh.HybridConfig) -> jh.StepFn:
-        return jamba_step_fn(self.graphdef, cfg, used_span=self.used_span, min_span=self.min_span)
 
     def param_specs(self, params, mesh):
         return jamba_param_specs(params, mesh)

@@ -16,7 +16,9 @@ the model are built, so a config of a million layers or ten million experts is r
 from __future__ import annotations
 
 import glob
+import math
 import os
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -28,35 +30,38 @@ import jaxhybrid as jh
 from jaxhybrid.models._hf_files import check_regular_file, read_json_object
 from jaxhybrid.models.jamba import Jamba, JambaConfig
 
-__all__ = ["hf_tensor_shapes", "load_jamba"]
+__all__ = ["Slot", "hf_tensor_shapes", "load_checkpoint", "load_jamba"]
 
 
-class _Slot(NamedTuple):
-    path: tuple  # attribute path of the nnx.Param inside Jamba
+class Slot(NamedTuple):
+    """Where a checkpoint tensor goes in the model."""
+
+    path: tuple  # attribute path of the nnx.Param inside the model
     shape: tuple[int, ...]  # shape in the checkpoint
-    kind: str  # "copy", "t" (transpose 2-D), "conv"
-    expert: int | None  # index into the stacked expert axis
+    kind: str  # "copy"; "t" (swap the last two axes: nn.Linear [out, in] -> [in, out]);
+    # "conv" (nn.Conv1d depthwise [channels, 1, width] -> [width, channels])
+    expert: int | None = None  # index into a stacked leading axis (one tensor per expert)
 
 
-def _slots(config: JambaConfig) -> dict[str, _Slot]:
+def _slots(config: JambaConfig) -> dict[str, Slot]:
     c = config
     h, f, d_in, n = c.hidden_size, c.intermediate_size, c.d_inner, c.mamba_d_state
     r, hd = c.mamba_dt_rank, c.head_dim
-    out: dict[str, _Slot] = {
-        "model.embed_tokens.weight": _Slot(("embed_tokens",), (c.vocab_size, h), "copy", None)
+    out: dict[str, Slot] = {
+        "model.embed_tokens.weight": Slot(("embed_tokens",), (c.vocab_size, h), "copy", None)
     }
 
     def lin(name, path, d_out, d_in_, bias=False):
-        out[f"{name}.weight"] = _Slot((*path, "kernel"), (d_out, d_in_), "t", None)
+        out[f"{name}.weight"] = Slot((*path, "kernel"), (d_out, d_in_), "t", None)
         if bias:
-            out[f"{name}.bias"] = _Slot((*path, "bias"), (d_out,), "copy", None)
+            out[f"{name}.bias"] = Slot((*path, "bias"), (d_out,), "copy", None)
 
     for i, kind in enumerate(c.layer_types):
         p, path = f"model.layers.{i}", ("layers", i)
-        out[f"{p}.input_layernorm.weight"] = _Slot(
+        out[f"{p}.input_layernorm.weight"] = Slot(
             (*path, "input_layernorm", "weight"), (h,), "copy", None
         )
-        out[f"{p}.pre_ff_layernorm.weight"] = _Slot(
+        out[f"{p}.pre_ff_layernorm.weight"] = Slot(
             (*path, "pre_ff_layernorm", "weight"), (h,), "copy", None
         )
         if kind == "attention":
@@ -68,33 +73,33 @@ def _slots(config: JambaConfig) -> dict[str, _Slot]:
         else:
             m, mpath = f"{p}.mamba", (*path, "mamba")
             lin(f"{m}.in_proj", (*mpath, "in_proj"), 2 * d_in, h, c.mamba_proj_bias)
-            out[f"{m}.conv1d.weight"] = _Slot(
+            out[f"{m}.conv1d.weight"] = Slot(
                 (*mpath, "conv_weight"), (d_in, 1, c.mamba_d_conv), "conv", None
             )
             if c.mamba_conv_bias:
-                out[f"{m}.conv1d.bias"] = _Slot((*mpath, "conv_bias"), (d_in,), "copy", None)
+                out[f"{m}.conv1d.bias"] = Slot((*mpath, "conv_bias"), (d_in,), "copy", None)
             lin(f"{m}.x_proj", (*mpath, "x_proj"), r + 2 * n, d_in)
             lin(f"{m}.dt_proj", (*mpath, "dt_proj"), d_in, r, True)
-            out[f"{m}.A_log"] = _Slot((*mpath, "A_log"), (d_in, n), "copy", None)
-            out[f"{m}.D"] = _Slot((*mpath, "D"), (d_in,), "copy", None)
+            out[f"{m}.A_log"] = Slot((*mpath, "A_log"), (d_in, n), "copy", None)
+            out[f"{m}.D"] = Slot((*mpath, "D"), (d_in,), "copy", None)
             lin(f"{m}.out_proj", (*mpath, "out_proj"), h, d_in, c.mamba_proj_bias)
             for norm, dim in (("dt_layernorm", r), ("b_layernorm", n), ("c_layernorm", n)):
-                out[f"{m}.{norm}.weight"] = _Slot((*mpath, norm, "weight"), (dim,), "copy", None)
+                out[f"{m}.{norm}.weight"] = Slot((*mpath, norm, "weight"), (dim,), "copy", None)
         ff, fpath = f"{p}.feed_forward", (*path, "feed_forward")
         if c.moe_layers[i]:
-            out[f"{ff}.router.weight"] = _Slot((*fpath, "router"), (c.num_experts, h), "t", None)
+            out[f"{ff}.router.weight"] = Slot((*fpath, "router"), (c.num_experts, h), "t", None)
             for e in range(c.num_experts):
                 x = f"{ff}.experts.{e}"
-                out[f"{x}.gate_proj.weight"] = _Slot((*fpath, "gate_proj"), (f, h), "t", e)
-                out[f"{x}.up_proj.weight"] = _Slot((*fpath, "up_proj"), (f, h), "t", e)
-                out[f"{x}.down_proj.weight"] = _Slot((*fpath, "down_proj"), (h, f), "t", e)
+                out[f"{x}.gate_proj.weight"] = Slot((*fpath, "gate_proj"), (f, h), "t", e)
+                out[f"{x}.up_proj.weight"] = Slot((*fpath, "up_proj"), (f, h), "t", e)
+                out[f"{x}.down_proj.weight"] = Slot((*fpath, "down_proj"), (h, f), "t", e)
         else:
             lin(f"{ff}.gate_proj", (*fpath, "gate_proj"), f, h)
             lin(f"{ff}.up_proj", (*fpath, "up_proj"), f, h)
             lin(f"{ff}.down_proj", (*fpath, "down_proj"), h, f)
-    out["model.final_layernorm.weight"] = _Slot(("final_layernorm", "weight"), (h,), "copy", None)
+    out["model.final_layernorm.weight"] = Slot(("final_layernorm", "weight"), (h,), "copy", None)
     if not c.tie_word_embeddings:
-        out["lm_head.weight"] = _Slot(("lm_head", "kernel"), (c.vocab_size, h), "t", None)
+        out["lm_head.weight"] = Slot(("lm_head", "kernel"), (c.vocab_size, h), "t", None)
     return out
 
 
@@ -264,6 +269,119 @@ def _param(model: Jamba, path: tuple) -> nnx.Variable:
     return obj
 
 
+def _check_dir(path) -> str:
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise jh.InvalidTypeError(
+            f"path must be a str or os.PathLike, got {type(path).__name__}"
+        ) from None
+    if not os.path.isdir(path):
+        raise jh.InvalidArgumentError(f"{path} is not a directory")
+    return path
+
+
+def load_checkpoint(
+    path: str,
+    make_model: Callable[[], nnx.Module],
+    slots: Callable[[], Iterable[tuple[str, Slot]]],
+    *,
+    dtype,
+    ignored: Iterable[str] = (),
+    check_fits: Callable[[list[str]], None] | None = None,
+) -> nnx.Module:
+    """Fills an abstract model (``make_model()``, built with ``seed=None``) from the safetensors
+    files of a Hugging Face checkpoint directory ``path``.
+
+    Args:
+        make_model: builds the model with abstract parameters.
+        slots: yields ``(tensor name, Slot)`` for every tensor the model needs. It is consumed
+            before the model is built and stopped as soon as it describes far more tensors
+            (twice, plus 64) or more parameters (at 2 bytes each) than the files hold, so a
+            config describing a huge model is refused without building anything of its size.
+        dtype: the parameters' dtype (tensors are cast to it).
+        ignored: tensor names the checkpoint may hold and the model does not use (e.g. a tied
+            ``lm_head.weight``).
+        check_fits: an extra check of the files' size against the config (Jamba's closed form).
+
+    Raises:
+        InvalidArgumentError: as :func:`load_jamba`.
+    """
+    files = _checkpoint_files(path)
+    headers = _read_headers(files)
+    if check_fits is not None:
+        check_fits(files)
+    disk = sum(os.path.getsize(file) for file in files)
+    table: dict[str, Slot] = {}
+    n_params = 0
+    for name, slot in slots():
+        table[name] = slot
+        n_params += math.prod(slot.shape)
+        if len(table) > 2 * len(headers) + 64 or n_params * _MIN_PARAM_BYTES > disk:
+            raise jh.InvalidArgumentError(
+                f"{os.path.join(path, 'config.json')} describes more than {len(table) - 1} "
+                f"tensors or {n_params} parameters, but the checkpoint files hold "
+                f"{len(headers)} tensors in {disk} bytes"
+            )
+    ignored = set(ignored)
+    where: dict[str, str] = {}
+    problems: list[str] = []
+    for file, name, shape, st_dtype in headers:
+        if name in where:
+            problems.append(f"tensor '{name}' appears in two files")
+        where[name] = file
+        if name in ignored:
+            continue
+        if name not in table:
+            problems.append(f"unexpected tensor '{name}' with shape {shape}")
+            continue
+        if shape != table[name].shape:
+            problems.append(
+                f"tensor '{name}' has shape {shape}, expected shape {table[name].shape}"
+            )
+        if st_dtype not in _FLOAT_DTYPES:
+            problems.append(
+                f"tensor '{name}' has dtype {st_dtype}, expected a float dtype "
+                f"({', '.join(_FLOAT_DTYPES)})"
+            )
+    for name, slot in table.items():
+        if name not in where:
+            problems.append(f"missing tensor '{name}' (expected shape {slot.shape})")
+    if problems:
+        raise jh.InvalidArgumentError(
+            f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems)
+        )
+
+    model = make_model()
+    n_stack: dict[tuple, int] = {}
+    for slot in table.values():
+        if slot.expert is not None:
+            n_stack[slot.path] = max(n_stack.get(slot.path, 0), slot.expert + 1)
+    stacked: dict[tuple, np.ndarray] = {}
+    by_file: dict[str, list[str]] = {}
+    for name in table:
+        by_file.setdefault(where[name], []).append(name)
+    for file, names in by_file.items():
+        with _open(file) as f:
+            for name in names:
+                slot = table[name]
+                x = _tensor(f, file, name)
+                if slot.kind == "t":
+                    x = np.swapaxes(x, -1, -2)
+                elif slot.kind == "conv":
+                    x = x[:, 0, :].T
+                if slot.expert is None:
+                    _param(model, slot.path).set_value(jnp.asarray(x, dtype))
+                else:
+                    buf = stacked.get(slot.path)
+                    if buf is None:
+                        buf = stacked[slot.path] = np.zeros((n_stack[slot.path], *x.shape), x.dtype)
+                    buf[slot.expert] = x
+    for p, buf in stacked.items():
+        _param(model, p).set_value(jnp.asarray(buf, dtype))
+    return model
+
+
 def load_jamba(path: str | os.PathLike, dtype: str = "float32") -> tuple[JambaConfig, Jamba]:
     """Loads a Hugging Face Jamba checkpoint directory.
 
@@ -291,65 +409,14 @@ def load_jamba(path: str | os.PathLike, dtype: str = "float32") -> tuple[JambaCo
         ) from None
     if not os.path.isdir(path):
         raise jh.InvalidArgumentError(f"{path} is not a directory")
+    path = _check_dir(path)
     config = JambaConfig.from_hf(path, dtype=dtype)
-    files = _checkpoint_files(path)
-    headers = _read_headers(files)
-    _check_fits(config, path, files)
-    slots = _slots(config)
-    # lm_head.weight of a tied model is a copy of the embedding; accept it and ignore it.
-    ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
-
-    where: dict[str, str] = {}
-    problems: list[str] = []
-    for file, name, shape, st_dtype in headers:
-        if name in where:
-            problems.append(f"tensor '{name}' appears in two files")
-        where[name] = file
-        if name in ignored:
-            continue
-        if name not in slots:
-            problems.append(f"unexpected tensor '{name}' with shape {shape}")
-            continue
-        if shape != slots[name].shape:
-            problems.append(
-                f"tensor '{name}' has shape {shape}, expected shape {slots[name].shape}"
-            )
-        if st_dtype not in _FLOAT_DTYPES:
-            problems.append(
-                f"tensor '{name}' has dtype {st_dtype}, expected a float dtype "
-                f"({', '.join(_FLOAT_DTYPES)})"
-            )
-    for name, slot in slots.items():
-        if name not in where:
-            problems.append(f"missing tensor '{name}' (expected shape {slot.shape})")
-    if problems:
-        raise jh.InvalidArgumentError(
-            f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems)
-        )
-
-    model = Jamba(config, seed=None)
-    dt = config.jnp_dtype
-    stacked: dict[tuple, np.ndarray] = {}
-    by_file: dict[str, list[str]] = {}
-    for name in slots:
-        by_file.setdefault(where[name], []).append(name)
-    for file, names in by_file.items():
-        with _open(file) as f:
-            for name in names:
-                slot = slots[name]
-                x = _tensor(f, file, name)
-                if slot.kind == "t":
-                    x = x.T
-                elif slot.kind == "conv":
-                    x = x[:, 0, :].T
-                if slot.expert is None:
-                    _param(model, slot.path).set_value(jnp.asarray(x, dt))
-                else:
-                    buf = stacked.get(slot.path)
-                    if buf is None:
-                        shape = (config.num_experts, *x.shape)
-                        buf = stacked[slot.path] = np.zeros(shape, x.dtype)
-                    buf[slot.expert] = x
-    for p, buf in stacked.items():
-        _param(model, p).set_value(jnp.asarray(buf, dt))
+    model = load_checkpoint(
+        path,
+        lambda: Jamba(config, seed=None),
+        lambda: _slots(config).items(),
+        dtype=config.jnp_dtype,
+        ignored={"lm_head.weight"} if config.tie_word_embeddings else (),
+        check_fits=lambda files: _check_fits(config, path, files),
+    )
     return config, model

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import jaxhybrid as jh
 from jaxhybrid.models.jamba import Jamba
 
-__all__ = ["jamba_param_sharding", "jamba_param_specs", "shard_jamba"]
+__all__ = ["jamba_param_sharding", "jamba_param_specs", "rule_param_specs", "shard_jamba"]
 
 _P = PartitionSpec
 
@@ -70,10 +70,10 @@ def _names(path) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _spec(path, leaf, model_axis: str | None, n_model: int) -> PartitionSpec:
+def _spec(path, leaf, model_axis: str | None, n_model: int, rules) -> PartitionSpec:
     names = _names(path)
     dim = None
-    for suffix, d in _RULES.items():
+    for suffix, d in rules.items():
         if names[-len(suffix) :] == suffix:
             dim = d
             break
@@ -93,7 +93,17 @@ def _spec(path, leaf, model_axis: str | None, n_model: int) -> PartitionSpec:
 
 def jamba_param_specs(model: Jamba, mesh: Mesh, *, model_axis: str | None = "model"):
     """A pytree like ``model`` (or its ``nnx.split`` state) holding each parameter's
-    ``PartitionSpec`` (see the module docstring).
+    ``PartitionSpec`` (see the module docstring)."""
+    return rule_param_specs(model, mesh, _RULES, model_axis=model_axis)
+
+
+def rule_param_specs(
+    model, mesh: Mesh, rules: dict[tuple[str, ...], int], *, model_axis: str | None = "model"
+):
+    """Each parameter's ``PartitionSpec`` by ``rules``: the parameter whose path ends with a
+    rule's names is split over ``model_axis`` along the rule's dimension; every other parameter
+    is replicated. (Any rules give the same results under JAX's SPMD partitioner; they only
+    decide what is communicated.)
 
     Raises:
         ValueError: ``model_axis`` is not an axis of ``mesh``, or a dimension to split is not
@@ -105,7 +115,7 @@ def jamba_param_specs(model: Jamba, mesh: Mesh, *, model_axis: str | None = "mod
         )
     n_model = 1 if model_axis is None else int(mesh.shape[model_axis])
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _spec(path, leaf, model_axis, n_model), model
+        lambda path, leaf: _spec(path, leaf, model_axis, n_model, rules), model
     )
 
 

@@ -1,0 +1,60 @@
+"""One entry point for every model family: :func:`load_model` reads a Hugging Face checkpoint
+directory's ``config.json`` and picks the family by its ``model_type``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import jaxhybrid as jh
+from jaxhybrid.models._hf_files import read_json_object
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "load_model"]
+
+# model_type -> (module, loader, plug-in class). A loader is ``load(path, dtype) -> (config,
+# model)``; the plug-in is built as ``PlugIn(config)``. Modules are imported on first use.
+_FAMILIES: dict[str, tuple[str, str, str]] = {
+    "jamba": ("jaxhybrid.models._loader", "load_jamba", "JambaModel"),
+}
+_PLUGIN_MODULE = "jaxhybrid.models"
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
+"""The ``model_type`` values of ``config.json`` that :func:`load_model` loads."""
+
+
+def load_model(path: str | os.PathLike, dtype: str = "float32") -> tuple[Any, Any]:
+    """Loads a Hugging Face checkpoint directory of any supported family.
+
+    Args:
+        path: directory with ``config.json`` and ``*.safetensors``.
+        dtype: ``"float32"`` or ``"bfloat16"``.
+
+    Returns:
+        ``(plugin, model)``: the family's :class:`jaxhybrid.HybridModel` plug-in (its ``config``
+        attribute holds the parsed config) and the model, its ``params`` for
+        :mod:`jaxhybrid.serving`.
+
+    Raises:
+        InvalidArgumentError: the directory or its ``config.json`` is missing or invalid, the
+            ``model_type`` is not supported (the message lists those that are), or the
+            checkpoint does not match its config (see the family's loader).
+        InvalidTypeError: ``path`` or ``dtype`` has the wrong type.
+    """
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise jh.InvalidTypeError(
+            f"path must be a str or os.PathLike, got {type(path).__name__}"
+        ) from None
+    if not os.path.isdir(path):
+        raise jh.InvalidArgumentError(f"{path} is not a directory")
+    model_type = read_json_object(os.path.join(path, "config.json")).get("model_type")
+    if model_type not in _FAMILIES:
+        raise jh.InvalidArgumentError(
+            f"{os.path.join(path, 'config.json')}: model_type {model_type!r} is not supported; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    module, loader, plugin = _FAMILIES[model_type]
+    config, model = getattr(importlib.import_module(module), loader)(path, dtype)
+    return getattr(importlib.import_module(_PLUGIN_MODULE), plugin)(config), model
