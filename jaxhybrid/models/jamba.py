@@ -12,18 +12,23 @@ and C with their own RMSNorms.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import jaxhybrid as jh
 from jaxhybrid.array_typing import Array, Bool, Float, Int
-from jaxhybrid.models._hf_files import read_json_object
+from jaxhybrid.models._config_checks import (
+    DTYPES,
+    check_bool,
+    check_int,
+    check_number,
+    dtype_name,
+    read_config,
+)
 from jaxhybrid.models._mamba import Linear, MambaMixer, ParamInit, RMSNorm
 from jaxhybrid.models._protocol import ModelMemory
 
@@ -38,51 +43,22 @@ __all__ = [
     "init_jamba",
 ]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = DTYPES
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    """An int field: a float or a bool is refused, never converted (§15.6)."""
-    if not isinstance(value, int | np.integer) or isinstance(value, bool | np.bool_):
-        raise jh.InvalidTypeError(f"JambaConfig.{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise jh.InvalidArgumentError(
-            f"JambaConfig.{name} must be an int >= {minimum}, got {value!r}"
-        )
+    check_int("JambaConfig", name, value, minimum)
 
 
 def _check_bool(name: str, value) -> None:
-    # JSON has true/false: a "false" string or a 0 is a wrong type, not a truth value.
-    if not isinstance(value, bool | np.bool_):
-        raise jh.InvalidTypeError(f"JambaConfig.{name} must be a bool, got {value!r}")
+    check_bool("JambaConfig", name, value)
 
 
 def _check_number(name: str, value, *, positive: bool) -> None:
-    if isinstance(value, bool | np.bool_) or not isinstance(
-        value, int | float | np.integer | np.floating
-    ):
-        raise jh.InvalidTypeError(f"JambaConfig.{name} must be a number, got {value!r}")
-    ok = value > 0 if positive else value >= 0
-    if not (ok and (isinstance(value, int | np.integer) or math.isfinite(value))):
-        bound = "> 0" if positive else ">= 0"
-        raise jh.InvalidArgumentError(
-            f"JambaConfig.{name} must be {bound} and finite, got {value!r}"
-        )
+    check_number("JambaConfig", name, value, positive=positive)
 
 
-def _dtype_name(dtype) -> str:
-    """``"float32"`` or ``"bfloat16"`` from a name or a dtype."""
-    try:
-        name = str(jnp.dtype(dtype))
-    except TypeError:
-        if not isinstance(dtype, str):
-            raise jh.InvalidTypeError(
-                f"dtype must be one of {sorted(_DTYPES)}, got {type(dtype).__name__} {dtype!r}"
-            ) from None
-        name = dtype
-    if name not in _DTYPES:
-        raise jh.InvalidArgumentError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return name
+_dtype_name = dtype_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,25 +171,10 @@ class JambaConfig:
             InvalidTypeError: a field, ``config`` or ``dtype`` has the wrong type.
         """
         dtype_name = _dtype_name(dtype)
-        if not isinstance(config, Mapping):
-            try:
-                path = os.fspath(config)
-            except TypeError:
-                raise jh.InvalidTypeError(
-                    "config must be a Mapping, a config.json path or its directory, got "
-                    f"{type(config).__name__}"
-                ) from None
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            config = read_json_object(path)
+        config = read_config(config, "jamba")
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise jh.InvalidArgumentError(f"only hidden_act='silu' is supported, got {act!r}")
-        model_type = config.get("model_type", "jamba")
-        if model_type != "jamba":
-            raise jh.InvalidArgumentError(
-                f"expected a config with model_type 'jamba', got {model_type!r}"
-            )
         names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
         kwargs = {k: config[k] for k in names if config.get(k) is not None}
         if "num_experts" not in kwargs and config.get("num_local_experts") is not None:
