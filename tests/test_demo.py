@@ -324,7 +324,8 @@ def test_bad_checkpoint_directories(tmp_path, capsys):
     # A config of another architecture
     (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
     code, _, err = _run(["--model", str(bad)], capsys)
-    assert code == 2 and "model_type 'jamba'" in err
+    assert code == 2 and "model_type 'llama' is not supported; supported model types: " in err
+    assert "jamba" in err
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import stat
 import jax
 
 import jaxhybrid as jh
+from jaxhybrid.models import SUPPORTED_MODEL_TYPES
 
 __all__ = [
     "INT32_MAX",
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxhybrid",
         description=(
-            "A scripted continuous-batching session on a Jamba model with jaxhybrid's hybrid "
+            "A scripted continuous-batching session on a hybrid model with jaxhybrid's hybrid "
             "memory: requests join, one is forked (seq_cp), one is cancelled (seq_rm), one "
             "conversation is saved and restored into another sequence id, and sequences that "
             "reach --ctx positions are context-shifted (seq_rm + seq_add + K-shift update). "
@@ -123,8 +124,10 @@ def _add_model_flags(m) -> None:
     m.add_argument(
         "--model",
         metavar="DIR",
-        help="Hugging Face Jamba checkpoint directory (config.json and *.safetensors; its "
-        "tokenizer.json is used when present). Default: a tiny seeded model.",
+        help="Hugging Face checkpoint directory of a supported family (config.json and "
+        "*.safetensors; its tokenizer.json is used when present): "
+        + ", ".join(SUPPORTED_MODEL_TYPES)
+        + ". Default: a tiny seeded Jamba.",
     )
     m.add_argument(
         "--dtype",

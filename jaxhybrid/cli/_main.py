@@ -10,7 +10,6 @@ from jaxhybrid.cli._args import DemoInputError, build_parser, check_plot_path
 from jaxhybrid.cli._model import load_model, model_config
 from jaxhybrid.cli._plot import plot_memory
 from jaxhybrid.cli._session import plan_memory, run_session
-from jaxhybrid.models import JambaModel
 
 __all__ = ["main"]
 
@@ -29,12 +28,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 0 if e.code is None else int(e.code)
     try:
         check_plot_path(args)
-        config, _ = model_config(args)
+        plugin, _ = model_config(args)
         # The tiny model has no tokenizer: its prompts are random, at most --prompt-len long.
         random_prompts = args.model is None and not args.prompt
-        plan_memory(
-            args, JambaModel(config).memory_config, args.prompt_len if random_prompts else None
-        )
+        plan_memory(args, plugin.memory_config, args.prompt_len if random_prompts else None)
         result = run_session(args, load_model(args), out)
     except DemoInputError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -11,8 +11,16 @@ import os
 import numpy as np
 
 import jaxhybrid as jh
+import jaxhybrid.models as jm
 from jaxhybrid.cli._args import DemoInputError
-from jaxhybrid.models import JambaConfig, JambaModel, init_jamba, load_jamba
+from jaxhybrid.models import (
+    SUPPORTED_MODEL_TYPES,
+    FlaxHybridModel,
+    JambaConfig,
+    JambaModel,
+    init_jamba,
+    model_plugin,
+)
 
 __all__ = ["TINY_JAMBA", "DemoModel", "load_model", "make_prompts", "model_config"]
 
@@ -52,37 +60,38 @@ _TEXTS = [
 @dataclasses.dataclass
 class DemoModel:
     """The session's model: its plug-in for :mod:`jaxhybrid.serving` and its parameters (the
-    :class:`~jaxhybrid.models.Jamba` module itself), with its tokenizer and stop tokens."""
+    model module itself), with its tokenizer and stop tokens."""
 
-    config: JambaConfig
-    plugin: JambaModel
+    config: object
+    plugin: FlaxHybridModel
     params: object
     tokenizer: object | None
     stop_tokens: tuple[int, ...]
     name: str
 
 
-def model_config(args: argparse.Namespace) -> tuple[JambaConfig, tuple[int, ...]]:
-    """The model's config and stop tokens, read and checked without loading any weights."""
+def model_config(args: argparse.Namespace) -> tuple[FlaxHybridModel, tuple[int, ...]]:
+    """The model's plug-in (its ``config`` attribute is the family's config) and stop tokens,
+    read and checked without loading any weights."""
     if args.model is None:
-        return JambaConfig(**TINY_JAMBA, dtype=args.dtype), ()
+        return JambaModel(JambaConfig(**TINY_JAMBA, dtype=args.dtype)), ()
     path = args.model
     if not os.path.isdir(path):
         raise DemoInputError(f"--model {path}: no such directory")
     cfg_file = os.path.join(path, "config.json")
     if not os.path.lexists(cfg_file):
         raise DemoInputError(
-            f"--model {path}: no config.json; expected a Hugging Face Jamba checkpoint directory "
-            "(config.json and *.safetensors)"
+            f"--model {path}: no config.json; expected a Hugging Face checkpoint directory "
+            f"(config.json and *.safetensors) of one of: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     try:
-        config = JambaConfig.from_hf(path, dtype=args.dtype)
+        plugin = model_plugin(path, dtype=args.dtype)
         # from_hf has checked that config.json is a regular file holding a JSON object.
         with open(cfg_file, "rb") as f:
             hf = json.load(f)
     except (jh.JaxHybridError, OSError, ValueError) as e:
         raise DemoInputError(f"--model {path}: {e}") from e
-    return config, _stop_tokens(path, hf, config.vocab_size)
+    return plugin, _stop_tokens(path, hf, plugin.n_vocab)
 
 
 def _stop_tokens(path: str, hf: dict, n_vocab: int) -> tuple[int, ...]:
@@ -106,19 +115,21 @@ def _stop_tokens(path: str, hf: dict, n_vocab: int) -> tuple[int, ...]:
 
 
 def load_model(args: argparse.Namespace) -> DemoModel:
-    """The tiny seeded Jamba, or the checkpoint of ``--model DIR`` (with its tokenizer)."""
-    config, stop = model_config(args)
+    """The tiny seeded Jamba, or the checkpoint of ``--model DIR`` of any supported family
+    (with its tokenizer)."""
+    plugin, stop = model_config(args)
     if args.model is None:
-        params = init_jamba(config, seed=args.seed)
+        params = init_jamba(plugin.config, seed=args.seed)
         name = f"tiny Jamba (seeded random weights, {args.dtype})"
-        return DemoModel(config, JambaModel(config), params, None, (), name)
+        return DemoModel(plugin.config, plugin, params, None, (), name)
     path = args.model
     tokenizer = _load_tokenizer(path)
     try:
-        config, params = load_jamba(path, dtype=args.dtype)
+        plugin, params = jm.load_model(path, dtype=args.dtype)
     except (jh.JaxHybridError, OSError) as e:
         raise DemoInputError(f"--model {path}: {e}") from e
-    return DemoModel(config, JambaModel(config), params, tokenizer, stop, f"{path} ({args.dtype})")
+    name = f"{path} ({type(plugin.config).__name__.removesuffix('Config')}, {args.dtype})"
+    return DemoModel(plugin.config, plugin, params, tokenizer, stop, name)
 
 
 def _load_tokenizer(path: str):

@@ -21,7 +21,7 @@ from jaxhybrid.models._hybrid_adapter import (
 )
 from jaxhybrid.models._loader import Slot, hf_tensor_shapes, load_checkpoint, load_jamba
 from jaxhybrid.models._protocol import ModelMemory
-from jaxhybrid.models._registry import SUPPORTED_MODEL_TYPES, load_model
+from jaxhybrid.models._registry import SUPPORTED_MODEL_TYPES, load_model, model_plugin
 from jaxhybrid.models._sharding import (
     jamba_param_sharding,
     jamba_param_specs,
@@ -66,6 +66,7 @@ __all__ = [
     "load_checkpoint",
     "load_jamba",
     "load_model",
+    "model_plugin",
     "rule_param_specs",
     "shard_jamba",
 ]

@@ -10,17 +10,46 @@ from typing import Any
 import jaxhybrid as jh
 from jaxhybrid.models._hf_files import read_json_object
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "load_model"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "load_model", "model_plugin"]
 
-# model_type -> (module, loader, plug-in class). A loader is ``load(path, dtype) -> (config,
-# model)``; the plug-in is built as ``PlugIn(config)``. Modules are imported on first use.
+# model_type -> names in jaxhybrid.models of (config class, loader, plug-in class). The config is
+# read with ``Config.from_hf(path, dtype=...)``, a loader is ``load(path, dtype) -> (config,
+# model)``, the plug-in is built as ``PlugIn(config)``.
 _FAMILIES: dict[str, tuple[str, str, str]] = {
-    "jamba": ("jaxhybrid.models._loader", "load_jamba", "JambaModel"),
+    "jamba": ("JambaConfig", "load_jamba", "JambaModel"),
 }
-_PLUGIN_MODULE = "jaxhybrid.models"
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
 """The ``model_type`` values of ``config.json`` that :func:`load_model` loads."""
+
+
+def _family(path) -> tuple[str, tuple[str, str, str], Any]:
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise jh.InvalidTypeError(
+            f"path must be a str or os.PathLike, got {type(path).__name__}"
+        ) from None
+    if not os.path.isdir(path):
+        raise jh.InvalidArgumentError(f"{path} is not a directory")
+    model_type = read_json_object(os.path.join(path, "config.json")).get("model_type")
+    if model_type not in _FAMILIES:
+        raise jh.InvalidArgumentError(
+            f"{os.path.join(path, 'config.json')}: model_type {model_type!r} is not supported; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return path, _FAMILIES[model_type], importlib.import_module("jaxhybrid.models")
+
+
+def model_plugin(path: str | os.PathLike, dtype: str = "float32") -> Any:
+    """The plug-in of a checkpoint directory's family, from its ``config.json`` alone (no
+    weights are read): enough to plan the memory (``plugin.memory_config(...)``) before loading.
+
+    Raises:
+        InvalidArgumentError, InvalidTypeError: as :func:`load_model`.
+    """
+    path, (config_cls, _, plugin), models = _family(path)
+    return getattr(models, plugin)(getattr(models, config_cls).from_hf(path, dtype=dtype))
 
 
 def load_model(path: str | os.PathLike, dtype: str = "float32") -> tuple[Any, Any]:
@@ -41,20 +70,6 @@ def load_model(path: str | os.PathLike, dtype: str = "float32") -> tuple[Any, An
             checkpoint does not match its config (see the family's loader).
         InvalidTypeError: ``path`` or ``dtype`` has the wrong type.
     """
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise jh.InvalidTypeError(
-            f"path must be a str or os.PathLike, got {type(path).__name__}"
-        ) from None
-    if not os.path.isdir(path):
-        raise jh.InvalidArgumentError(f"{path} is not a directory")
-    model_type = read_json_object(os.path.join(path, "config.json")).get("model_type")
-    if model_type not in _FAMILIES:
-        raise jh.InvalidArgumentError(
-            f"{os.path.join(path, 'config.json')}: model_type {model_type!r} is not supported; "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    module, loader, plugin = _FAMILIES[model_type]
-    config, model = getattr(importlib.import_module(module), loader)(path, dtype)
-    return getattr(importlib.import_module(_PLUGIN_MODULE), plugin)(config), model
+    path, (_, loader, plugin), models = _family(path)
+    config, model = getattr(models, loader)(path, dtype)
+    return getattr(models, plugin)(config), model
