@@ -19,6 +19,7 @@ same order, so both numberings agree with the parts' own layer indices.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -314,7 +315,7 @@ def layer_memory_config(
 
 
 @dataclasses.dataclass(frozen=True)
-class FlaxHybridModel:
+class FlaxHybridModel(abc.ABC):
     """Base of the Flax model families' plug-ins (:class:`jaxhybrid.HybridModel`).
 
     A family subclasses it as a frozen dataclass and provides its forward
@@ -352,10 +353,10 @@ class FlaxHybridModel:
     def rope_fn(self) -> Callable | None:
         return None
 
+    @abc.abstractmethod
     def memory_layout(self) -> dict[str, Any]:
         """The family's arguments of :func:`layer_memory_config` other than the sizes
         (``layer_kinds``, ``n_kv_heads``, ``head_dim``, ``r_shape``, ``s_shape``, ``dtype``)."""
-        raise NotImplementedError
 
     def memory_config(
         self, *, kv_size: int, n_seq_max: int, unified: bool = True, n_snapshots: int = 0
