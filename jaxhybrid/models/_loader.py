@@ -30,7 +30,14 @@ import jaxhybrid as jh
 from jaxhybrid.models._hf_files import check_regular_file, read_json_object
 from jaxhybrid.models.jamba import Jamba, JambaConfig
 
-__all__ = ["Slot", "hf_tensor_shapes", "load_checkpoint", "load_jamba"]
+__all__ = [
+    "Slot",
+    "checkpoint_dir",
+    "checkpoint_tensor_names",
+    "hf_tensor_shapes",
+    "load_checkpoint",
+    "load_jamba",
+]
 
 
 class Slot(NamedTuple):
@@ -269,7 +276,13 @@ def _param(model: Jamba, path: tuple) -> nnx.Variable:
     return obj
 
 
-def _check_dir(path) -> str:
+def checkpoint_dir(path) -> str:
+    """``path`` as a string naming an existing directory.
+
+    Raises:
+        InvalidTypeError: ``path`` is not a str or os.PathLike.
+        InvalidArgumentError: ``path`` is not a directory.
+    """
     try:
         path = os.fspath(path)
     except TypeError:
@@ -279,6 +292,17 @@ def _check_dir(path) -> str:
     if not os.path.isdir(path):
         raise jh.InvalidArgumentError(f"{path} is not a directory")
     return path
+
+
+def checkpoint_tensor_names(path: str) -> set[str]:
+    """The names of the tensors a checkpoint directory's safetensors files hold (headers only;
+    no tensor is read). A loader uses it to choose between layouts or to list the tensors it
+    ignores.
+
+    Raises:
+        InvalidArgumentError: as :func:`load_checkpoint`.
+    """
+    return {name for _, name, _, _ in _read_headers(_checkpoint_files(path))}
 
 
 def load_checkpoint(
@@ -401,15 +425,7 @@ def load_jamba(path: str | os.PathLike, dtype: str = "float32") -> tuple[JambaCo
             of a non-float dtype (the message lists every such tensor with its expected shape);
             or a tensor holds NaN or infinity.
     """
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise jh.InvalidTypeError(
-            f"path must be a str or os.PathLike, got {type(path).__name__}"
-        ) from None
-    if not os.path.isdir(path):
-        raise jh.InvalidArgumentError(f"{path} is not a directory")
-    path = _check_dir(path)
+    path = checkpoint_dir(path)
     config = JambaConfig.from_hf(path, dtype=dtype)
     model = load_checkpoint(
         path,
