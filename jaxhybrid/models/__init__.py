@@ -4,8 +4,12 @@ Model code only: each family's layers and Hugging Face loader, and its plug-in f
 layer (a :class:`jaxhybrid.HybridModel`, e.g. :class:`JambaModel`). Generation, the Engine and
 speculative decoding live in :mod:`jaxhybrid.serving`.
 
-Public names: the Jamba model (:mod:`jaxhybrid.models.jamba`), its Hugging Face loader and
-plug-in, the :class:`ModelMemory` protocol every model step runs against, and
+Public names: :func:`load_model`, which reads a checkpoint directory's ``config.json`` and loads
+any supported family (:data:`SUPPORTED_MODEL_TYPES`); per family (Jamba, Nemotron-H,
+Granite-4.0-H, Falcon-H1, Bamba) its config, model, Hugging Face loader and plug-in; the
+Mamba-2 mixer and its SSD scan; the generic pieces a new family is built from
+(:class:`FlaxHybridModel`, :func:`hybrid_step_fn`, :func:`layer_memory_config`,
+:func:`load_checkpoint`); the :class:`ModelMemory` protocol every model step runs against, and
 :class:`DenseMemory`, a plain reference implementation of that protocol.
 """
 
@@ -19,7 +23,15 @@ from jaxhybrid.models._hybrid_adapter import (
     jamba_step_fn,
     layer_memory_config,
 )
-from jaxhybrid.models._loader import Slot, hf_tensor_shapes, load_checkpoint, load_jamba
+from jaxhybrid.models._loader import (
+    Slot,
+    checkpoint_dir,
+    checkpoint_tensor_names,
+    hf_tensor_shapes,
+    load_checkpoint,
+    load_jamba,
+)
+from jaxhybrid.models._mamba2 import Mamba2Mixer, ssd
 from jaxhybrid.models._protocol import ModelMemory
 from jaxhybrid.models._registry import SUPPORTED_MODEL_TYPES, load_model, model_plugin
 from jaxhybrid.models._sharding import (
@@ -27,6 +39,21 @@ from jaxhybrid.models._sharding import (
     jamba_param_specs,
     rule_param_specs,
     shard_jamba,
+)
+from jaxhybrid.models.bamba import Bamba, BambaConfig, BambaModel, init_bamba, load_bamba
+from jaxhybrid.models.falcon_h1 import (
+    FalconH1,
+    FalconH1Config,
+    FalconH1Model,
+    init_falcon_h1,
+    load_falcon_h1,
+)
+from jaxhybrid.models.granite_hybrid import (
+    GraniteHybrid,
+    GraniteHybridConfig,
+    GraniteHybridModel,
+    init_granite_hybrid,
+    load_granite_hybrid,
 )
 from jaxhybrid.models.jamba import (
     Jamba,
@@ -38,9 +65,40 @@ from jaxhybrid.models.jamba import (
     forward,
     init_jamba,
 )
+from jaxhybrid.models.nemotron_h import (
+    NemotronH,
+    NemotronHConfig,
+    NemotronHModel,
+    init_nemotron_h,
+    load_nemotron_h,
+)
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "Bamba",
+    "BambaConfig",
+    "BambaModel",
+    "FalconH1",
+    "FalconH1Config",
+    "FalconH1Model",
+    "GraniteHybrid",
+    "GraniteHybridConfig",
+    "GraniteHybridModel",
+    "Mamba2Mixer",
+    "NemotronH",
+    "NemotronHConfig",
+    "NemotronHModel",
+    "checkpoint_dir",
+    "checkpoint_tensor_names",
+    "init_bamba",
+    "init_falcon_h1",
+    "init_granite_hybrid",
+    "init_nemotron_h",
+    "load_bamba",
+    "load_falcon_h1",
+    "load_granite_hybrid",
+    "load_nemotron_h",
+    "ssd",
     "DenseMemory",
     "FlaxHybridModel",
     "Slot",

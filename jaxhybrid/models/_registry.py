@@ -9,6 +9,7 @@ from typing import Any
 
 import jaxhybrid as jh
 from jaxhybrid.models._hf_files import read_json_object
+from jaxhybrid.models._loader import checkpoint_dir
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "load_model", "model_plugin"]
 
@@ -16,7 +17,11 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "load_model", "model_plugin"]
 # read with ``Config.from_hf(path, dtype=...)``, a loader is ``load(path, dtype) -> (config,
 # model)``, the plug-in is built as ``PlugIn(config)``.
 _FAMILIES: dict[str, tuple[str, str, str]] = {
+    "bamba": ("BambaConfig", "load_bamba", "BambaModel"),
+    "falcon_h1": ("FalconH1Config", "load_falcon_h1", "FalconH1Model"),
+    "granitemoehybrid": ("GraniteHybridConfig", "load_granite_hybrid", "GraniteHybridModel"),
     "jamba": ("JambaConfig", "load_jamba", "JambaModel"),
+    "nemotron_h": ("NemotronHConfig", "load_nemotron_h", "NemotronHModel"),
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
@@ -24,14 +29,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
 
 
 def _family(path) -> tuple[str, tuple[str, str, str], Any]:
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise jh.InvalidTypeError(
-            f"path must be a str or os.PathLike, got {type(path).__name__}"
-        ) from None
-    if not os.path.isdir(path):
-        raise jh.InvalidArgumentError(f"{path} is not a directory")
+    path = checkpoint_dir(path)
     model_type = read_json_object(os.path.join(path, "config.json")).get("model_type")
     if model_type not in _FAMILIES:
         raise jh.InvalidArgumentError(
