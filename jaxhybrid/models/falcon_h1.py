@@ -42,8 +42,8 @@ import numpy as np
 from flax import nnx
 
 import jaxhybrid as jh
-from jaxhybrid._rope import rope
 from jaxhybrid.array_typing import Array, Bool, Float, Int
+from jaxhybrid.kv import rope
 from jaxhybrid.models._config_checks import (
     DTYPES,
     check_bool,
