@@ -16,7 +16,9 @@ the same prompt, which is not timed (jaxhybrid, bare JAX and llama.cpp time thei
 alone); ``generate()`` and transformers can only be timed whole, prompt included, and there the
 difference of ``n_new`` and 1 new tokens holds the ``n_new - 1`` decode steps. At several sequences
 jaxhybrid and llama.cpp run with both KV layouts: one unified stream (``kv_unified``), and one
-stream per sequence (`` streams``, llama.cpp's default).
+stream per sequence (`` streams``, llama.cpp's default). The ``families`` section
+(``benchmarks/families.py``) times the same jaxhybrid loop and transformers on the tiny test
+checkpoints of the Mamba-2 families (Nemotron-H, Granite-4.0-H, Falcon-H1, Bamba).
 """
 
 from __future__ import annotations
@@ -110,12 +112,21 @@ def _prompt_batch(prompts) -> jh.Batch:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "used_span"), donate_argnames="mem")
-def jh_prefill(model, mem, prompts, *, cfg, used_span: bool = True):
+def _step_fn(plugin, cfg, used_span: bool):
+    """The step function of ``plugin`` (a :class:`jaxhybrid.HybridModel` plug-in, whose own
+    ``used_span`` holds), or of the Jamba of :func:`jamba_step_fn` when ``plugin`` is None."""
+    if plugin is None:
+        return jamba_step_fn(None, cfg, used_span=used_span)
+    return plugin.step_fn(cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "used_span", "plugin"), donate_argnames="mem")
+def jh_prefill(model, mem, prompts, *, cfg, used_span: bool = True, plugin=None):
     """Every prompt (``[seqs, P]``, one length) in one ubatch, as the bare loop does; returns the
-    greedy next token of every sequence, the memory and the decode status code."""
+    greedy next token of every sequence, the memory and the decode status code. ``model`` is the
+    Jamba's params, or ``plugin``'s (any family's plug-in, static) when given."""
     n_seq, p = prompts.shape
-    step = jamba_step_fn(None, cfg, used_span=used_span)
+    step = _step_fn(plugin, cfg, used_span)
     logits, mem, res = jh.decode(step, model, mem, _prompt_batch(prompts), cfg, n_ubatch=n_seq * p)
     tok = jnp.argmax(logits.reshape(n_seq, p, -1)[:, -1], axis=-1).astype(jnp.int32)
     return tok, mem, res.code
@@ -124,13 +135,16 @@ def jh_prefill(model, mem, prompts, *, cfg, used_span: bool = True):
 MAX_NEW = 128
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_ubatch", "used_span"), donate_argnames="mem")
-def jh_decode(model, mem, tok, n_steps, *, cfg, n_ubatch: int, used_span: bool = True):
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "n_ubatch", "used_span", "plugin"), donate_argnames="mem"
+)
+def jh_decode(model, mem, tok, n_steps, *, cfg, n_ubatch: int, used_span: bool = True, plugin=None):
     """``n_steps`` (run-time, at most ``MAX_NEW``) greedy steps through :func:`jaxhybrid.decode`,
     one token per sequence (ubatches of ``n_ubatch``), in a ``fori_loop``; returns ``[seqs,
-    MAX_NEW]`` tokens (the first ``n_steps`` set), the memory and the first non-zero status."""
+    MAX_NEW]`` tokens (the first ``n_steps`` set), the memory and the first non-zero status.
+    ``plugin``: as :func:`jh_prefill`."""
     n_seq = tok.shape[0]
-    step = jamba_step_fn(None, cfg, used_span=used_span)
+    step = _step_fn(plugin, cfg, used_span)
     seqs = jnp.arange(n_seq, dtype=jnp.int32)
 
     def body(i, carry):
@@ -154,18 +168,27 @@ def jh_decode(model, mem, tok, n_steps, *, cfg, n_ubatch: int, used_span: bool =
     return out, mem, code
 
 
-def jh_decode_time(model, cfg, prompts, n_steps: int, *, n_ubatch: int, used_span: bool = True):
+def jh_decode_time(
+    model, cfg, prompts, n_steps: int, *, n_ubatch: int, used_span: bool = True, plugin=None
+):
     """Seconds of ``n_steps`` greedy decode steps after the prompts (prefill not timed), and the
-    generated tokens ``[seqs, 1 + n_steps]``."""
+    generated tokens ``[seqs, 1 + n_steps]``. ``plugin``: as :func:`jh_prefill`."""
     mem = jh.init_hybrid(cfg)
     tok, mem, code = _block(
-        jh_prefill(model, mem, jnp.asarray(prompts), cfg=cfg, used_span=used_span)
+        jh_prefill(model, mem, jnp.asarray(prompts), cfg=cfg, used_span=used_span, plugin=plugin)
     )
     assert int(code) == 0
     t = time.perf_counter()
     out, _, code = _block(
         jh_decode(
-            model, mem, tok, jnp.int32(n_steps), cfg=cfg, n_ubatch=n_ubatch, used_span=used_span
+            model,
+            mem,
+            tok,
+            jnp.int32(n_steps),
+            cfg=cfg,
+            n_ubatch=n_ubatch,
+            used_span=used_span,
+            plugin=plugin,
         )
     )
     dt = time.perf_counter() - t
@@ -202,7 +225,6 @@ def bench_decode(ctx: Ctx) -> list[dict]:
     a = ctx.args
     rows = []
     n_new = a.new_tokens
-    n_steps = n_new - 1  # the first new token comes from the prompt's logits
     for n_seq in a.decode_seqs:
         prompts = _prompts(n_seq, a.prompt, ctx.config.vocab_size, seed=n_seq)
         layouts = {"": True} if n_seq == 1 else {"": True, " streams": False}
@@ -277,34 +299,10 @@ def bench_decode(ctx: Ctx) -> list[dict]:
 
                 steps["llama.cpp" + suffix] = llama_run
 
-        # Warm-up (compiles), then rounds, peers interleaved. Step peers: n_steps and 1 step;
-        # whole peers: n_new and 1 new token (the difference holds n_new - 1 = n_steps steps).
-        tokens = {}
-        for name, fn in steps.items():
-            fn(1)
-            _, tokens[name] = fn(n_steps)
-        for name, fn in whole.items():
-            fn(1)
-            _, tokens[name] = fn(n_new)
-        rounds = Rounds()
-        for r in range(a.rounds):
-            for name, fn in steps.items():
-                rounds.add(name + "/n", fn(n_steps)[0])
-                rounds.add(name + "/1", fn(1)[0])
-            for name, fn in whole.items():
-                if name == "transformers" and r:
-                    continue  # one round: it is two orders of magnitude slower
-                rounds.add(name + "/n", fn(n_new)[0])
-                rounds.add(name + "/1", fn(1)[0])
+        step, rounds, tokens = decode_rounds(steps, whole, n_new, a.rounds)
         for llama in llamas:
             llama.close()
         ref = tokens["bare JAX"]
-        step = {}
-        for name in (*steps, *whole):
-            n = n_steps - 1 if name in steps else n_steps
-            step[name] = (rounds.best(name + "/n") - rounds.best(name + "/1")) / n
-            if step[name] <= 0:  # the decode steps drowned in the noise of the prompt's run
-                step[name] = float("nan")
         for name in (*steps, *whole):
             same_layout = "jaxhybrid streams" if name.endswith("streams") else "jaxhybrid"
             rows.append(
@@ -325,12 +323,52 @@ def bench_decode(ctx: Ctx) -> list[dict]:
     return rows
 
 
-def _hf_peer(ctx: Ctx, prompts: np.ndarray):
+def decode_rounds(steps: dict, whole: dict, n_new: int, n_rounds: int):
+    """Seconds per decode step of every peer, measured round by round.
+
+    ``steps``: peers timing their decode steps only, ``fn(steps) -> (seconds, tokens [seqs, 1 +
+    steps])``; ``whole``: peers timed as a whole generate() call, ``fn(new) -> (seconds, tokens
+    [seqs, new])``. A warm-up (compiles), then ``n_rounds`` rounds, peers interleaved: step peers
+    run ``n_new - 1`` and 1 steps, whole peers ``n_new`` and 1 new tokens (the difference holds
+    ``n_new - 1`` steps); transformers runs one round. Returns ``(step, rounds, tokens)``: the
+    seconds per step of the best times (NaN where the steps drowned in the noise), the
+    :class:`Rounds` (keys ``name/n`` and ``name/1``) and every peer's ``n_new`` tokens."""
+    n_steps = n_new - 1  # the first new token comes from the prompt's logits
+    tokens = {}
+    for name, fn in steps.items():
+        fn(1)
+        _, tokens[name] = fn(n_steps)
+    for name, fn in whole.items():
+        fn(1)
+        _, tokens[name] = fn(n_new)
+    rounds = Rounds()
+    for r in range(n_rounds):
+        for name, fn in steps.items():
+            rounds.add(name + "/n", fn(n_steps)[0])
+            rounds.add(name + "/1", fn(1)[0])
+        for name, fn in whole.items():
+            if name == "transformers" and r:
+                continue  # one round: it is two orders of magnitude slower
+            rounds.add(name + "/n", fn(n_new)[0])
+            rounds.add(name + "/1", fn(1)[0])
+    step = {}
+    for name in (*steps, *whole):
+        n = n_steps - 1 if name in steps else n_steps
+        step[name] = (rounds.best(name + "/n") - rounds.best(name + "/1")) / n
+        if step[name] <= 0:  # the decode steps drowned in the noise of the prompt's run
+            step[name] = float("nan")
+    return step, rounds, tokens
+
+
+def _hf_peer(ctx: Ctx, prompts: np.ndarray, hf=None):
+    """transformers' greedy ``generate`` of ``n`` new tokens after ``prompts``, as ``fn(n) ->
+    (seconds, tokens [seqs, n])``; ``hf``: the model (default: the Jamba of ``ctx.ckpt``)."""
     import torch
     from transformers import JambaForCausalLM
 
     torch.set_num_threads(ctx.args.threads)
-    hf = JambaForCausalLM.from_pretrained(ctx.ckpt).eval()
+    if hf is None:
+        hf = JambaForCausalLM.from_pretrained(ctx.ckpt).eval()
     ids = torch.tensor(prompts, dtype=torch.long)
 
     def run(n):
@@ -853,6 +891,34 @@ def _report(res: dict) -> str:
                 f"{r['peak_above_runtime']:,} B = {r['peak_ratio_to_params_plus_memory']:.2f} x "
                 f"(params {r['param_bytes']:,} B + memory {r['memory_bytes']:,} B)"
             )
+    if "families" in res:
+        out.append(
+            _fmt_table(
+                "Mamba-2 families: decode ms/step (tiny test checkpoints, float32, greedy, "
+                "prompt {prompt}, {new_tokens} new tokens, context {context}/seq)".format(
+                    **res["setup"]
+                ),
+                [
+                    {
+                        **r,
+                        "first_diff": "-" if r["first_diff_step"] is None else r["first_diff_step"],
+                    }
+                    for r in res["families"]
+                ],
+                [
+                    ("family", "family", ""),
+                    ("n_seq", "seqs", ""),
+                    ("peer", "peer", ""),
+                    ("timed", "timed", ""),
+                    ("ms_per_step", "ms/step", ".3f"),
+                    ("tok_per_s", "tok/s", ",.0f"),
+                    ("jaxhybrid_speedup", "jaxhybrid speed-up", ".2f"),
+                    ("spread", "spread", ".0%"),
+                    ("same_tokens", "same tokens as jaxhybrid", ""),
+                    ("first_diff", "first diff", ""),
+                ],
+            )
+        )
     if "skipped" in res:
         out += [f"skipped: {s}" for s in res["skipped"]]
     return "\n".join(out)
@@ -881,13 +947,15 @@ def main(argv=None) -> dict:
             "prefill",
             "retrace",
             "memory",
+            "families",
         ],
     )
     a = p.parse_args(argv)
     full = not a.quick
     a.prompt, a.context = 64, 4096
     # --quick is a smoke run of every section (about 110 s on an idle 2-core machine, most of it
-    # compiling); its figures are indicative only.
+    # compiling, plus about 4 minutes for families: four models compiled, transformers' Mamba-2
+    # on its reference PyTorch path); its figures are indicative only.
     a.new_tokens = 128 if full else 32
     a.rounds = 7 if full else 1
     a.batches = (1, 8, 32) if full else (8,)
@@ -897,8 +965,19 @@ def main(argv=None) -> dict:
     a.api_peer = full  # generate() adds a compilation per batch size
     a.engine_steps = 1000 if full else 60
     a.rss_kv_size, a.rss_steps = (1 << 20, 1000) if full else (1 << 16, 50)
-    sections = ["decode", "decode_ubatch", "kv_scaling", "scaling", "prefill", "retrace", "memory"]
+    sections = [
+        "decode",
+        "decode_ubatch",
+        "kv_scaling",
+        "scaling",
+        "prefill",
+        "retrace",
+        "memory",
+        "families",
+    ]
     only = set(a.only or sections)
+
+    from benchmarks.families import bench_families  # imports this module
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="jaxhybrid-bench-"))
@@ -937,6 +1016,7 @@ def main(argv=None) -> dict:
         ("prefill", bench_prefill),
         ("retrace", bench_retrace),
         ("memory", bench_memory),
+        ("families", bench_families),
     ]:
         if name in only:
             t = time.perf_counter()
