@@ -548,7 +548,7 @@ def falcon_h1_forward(
     state; their logits are meaningless.
 
     Examples:
-        >>> import jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp
         >>> import jaxhybrid as jh
         >>> from jaxhybrid.models.falcon_h1 import FalconH1Config, FalconH1Model, init_falcon_h1
         >>> from jaxhybrid.serving import prefill
@@ -557,10 +557,12 @@ def falcon_h1_forward(
         ...     mamba_d_ssm=8, mamba_n_heads=2, mamba_d_state=4, mamba_chunk_size=4)
         >>> plugin, params = FalconH1Model(cfg), init_falcon_h1(cfg, seed=0)
         >>> mcfg = plugin.memory_config(kv_size=16, n_seq_max=1)
-        >>> logits, mem, code = prefill(plugin, params, jh.init_hybrid(mcfg),
-        ...     jnp.array([[3, 5, 7]]), jnp.array([3]), jnp.array([0]), cfg=mcfg, n_ubatch=4)
-        >>> logits.shape, int(code)
-        ((1, 16), 0)
+        >>> # jax.eval_shape traces the call without compiling it; call prefill to run it.
+        >>> logits, mem, code = jax.eval_shape(lambda p, m: prefill(plugin, p, m,
+        ...     jnp.array([[3, 5, 7]]), jnp.array([3]), jnp.array([0]), cfg=mcfg, n_ubatch=4),
+        ...     params, jh.init_hybrid(mcfg))
+        >>> logits.shape, logits.dtype
+        ((1, 16), dtype('float32'))
     """
     if tokens.ndim != 1 or tokens.shape != pos.shape or tokens.shape != valid.shape:
         raise jh.InvalidArgumentError(

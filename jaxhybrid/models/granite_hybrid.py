@@ -410,7 +410,7 @@ def granite_hybrid_forward(
     Padding slots (``valid`` False) change no memory state; their logits are meaningless.
 
     Examples:
-        >>> import jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp
         >>> import jaxhybrid as jh
         >>> from jaxhybrid.models.granite_hybrid import (GraniteHybridConfig,
         ...     GraniteHybridModel, init_granite_hybrid)
@@ -421,10 +421,12 @@ def granite_hybrid_forward(
         ...     num_experts_per_tok=1, mamba_n_heads=2, mamba_d_state=4, mamba_chunk_size=4)
         >>> plugin, params = GraniteHybridModel(cfg), init_granite_hybrid(cfg, seed=0)
         >>> mcfg = plugin.memory_config(kv_size=16, n_seq_max=1)
-        >>> logits, mem, code = prefill(plugin, params, jh.init_hybrid(mcfg),
-        ...     jnp.array([[3, 5, 7]]), jnp.array([3]), jnp.array([0]), cfg=mcfg, n_ubatch=4)
-        >>> logits.shape, int(code)
-        ((1, 16), 0)
+        >>> # jax.eval_shape traces the call without compiling it; call prefill to run it.
+        >>> logits, mem, code = jax.eval_shape(lambda p, m: prefill(plugin, p, m,
+        ...     jnp.array([[3, 5, 7]]), jnp.array([3]), jnp.array([0]), cfg=mcfg, n_ubatch=4),
+        ...     params, jh.init_hybrid(mcfg))
+        >>> logits.shape, logits.dtype
+        ((1, 16), dtype('float32'))
     """
     check_forward_args(tokens, pos, valid)
     c = model.config
