@@ -4,14 +4,13 @@ Per family (a tiny seeded checkpoint written by transformers and read by
 :func:`jaxhybrid.models.load_model`): one :class:`~jaxhybrid.serving.Engine` run with joins,
 a fork, cancels, a save restored into another sequence id and a context shift, whose tokens are
 transformers' ``generate`` of each prompt alone; then the same kind of run with other prompt
-lengths compiles nothing new; and a rollback of ``r <= n_snapshots`` tokens (§11) leaves a
-sequence exactly as if it had never seen them, logits and all. Each family's checks share one
-set of compilations (the checkpoints' tests cover prefill parity at every prompt length).
+lengths compiles nothing new; and a rollback of ``r <= n_snapshots`` tokens (§5.10) leaves a
+sequence as if it had never seen them, logits and all. Each family's checks are one test, so
+that they share one set of compilations (the checkpoints' own tests cover prefill parity at
+every prompt length and greedy decoding of 32 tokens).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.monitoring
@@ -30,7 +29,7 @@ import family_nemotron_h  # noqa: E402
 
 import jaxhybrid as jh  # noqa: E402
 import jaxhybrid.models as jm  # noqa: E402
-from jaxhybrid.serving import Engine, decode_tokens  # noqa: E402
+from jaxhybrid.serving import Engine, prefill  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -66,9 +65,8 @@ def _count(name: str, *_args, **_kw) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count)
 
 
-@functools.lru_cache(maxsize=1)
 def _loaded(family: str, root: str):
-    """``(checkpoint dir, plug-in, params, memory config)`` of the family (one at a time)."""
+    """``(checkpoint dir, plug-in, params, memory config)`` of the family."""
     path = f"{root}/{family}"
     FAMILIES[family].tiny_checkpoint(path)
     plugin, params = jm.load_model(path)
@@ -120,7 +118,43 @@ def _engine_run(plugin, params, cfg, prompts):
     }
 
 
-def test_engine_run_matches_transformers_and_compiles_once(family):
+def _rollback_logits(plugin, params, cfg, prompt, extra, want):
+    """Sequence 0 fed ``prompt``; sequences 1 and 2 fed ``prompt`` and then 1 and ``K`` tokens of
+    ``extra`` in the same ubatch, rolled back to the prompt's end; then all three fed ``want``
+    token by token. Returns each sequence's logits of every ``want`` token. Runs the Engine's
+    own compiled prefill (one row of ``N_PROMPT`` tokens per call)."""
+
+    def feed(mem, seq, toks):
+        row = np.zeros((1, N_PROMPT), np.int32)
+        row[0, : len(toks)] = toks
+        logits, mem, code = prefill(
+            plugin,
+            params,
+            mem,
+            jnp.asarray(row),
+            jnp.asarray([len(toks)], jnp.int32),
+            jnp.asarray([seq], jnp.int32),
+            cfg=cfg,
+            n_ubatch=N_UBATCH,
+        )
+        assert int(code) == jh.DecodeCode.OK
+        return np.asarray(logits[0]), mem
+
+    mem = jh.init_hybrid(cfg)
+    for seq, toks in enumerate((prompt, prompt + extra[:1], prompt + extra)):
+        _, mem = feed(mem, seq, toks)
+    for seq in (1, 2):
+        mem, ok = jh.seq_rm(mem, seq, len(prompt), -1, cfg)
+        assert bool(ok) and int(jh.seq_pos_max(mem, seq, cfg)) == len(prompt) - 1
+    out = {seq: [] for seq in range(3)}
+    for tok in want:
+        for seq in range(3):
+            logits, mem = feed(mem, seq, [tok])
+            out[seq].append(logits)
+    return out, mem
+
+
+def test_serving_matches_transformers_and_compiles_once(family):
     name, path, plugin, params, cfg = family
     fam = FAMILIES[name]
     vocab = plugin.n_vocab
@@ -140,65 +174,27 @@ def test_engine_run_matches_transformers_and_compiles_once(family):
     assert got["shifted"][:n_before_shift] == fam.hf_greedy(path, p2, n_before_shift)
     assert got["restored_into_other_id"] and got["all_freed"]
 
-    # When a second run joins prompts of other lengths (one chunk instead of two, a later shift;
-    # the saved sequence's 12 cells in the same power-of-two bucket of state I/O rows as 9)
-    before = _COMPILES[0]
-    again = _engine_run(plugin, params, cfg, _prompts(vocab, (10, 13, 19), seed=2))
-    # Then it compiled nothing: one compilation of each step serves every mix of requests
-    assert _COMPILES[0] == before, f"{_COMPILES[0] - before} compilations in the second run"
-    assert again["n_shifts"] >= 1 and again["all_freed"]
-
-
-def test_rollback_equals_never_having_seen_the_tokens(family):
-    name, path, plugin, params, cfg = family
-    fam = FAMILIES[name]
-    prompt, extra = _prompts(plugin.n_vocab, (6, K), seed=3)
-    # Given three sequences fed token by token, one ubatch per step: sequence 0 the prompt,
-    # sequences 1 and 2 the prompt and then 1 and K = n_snapshots tokens more
-    feeds = [prompt, prompt + extra[:1], prompt + extra]
-    mem = jh.init_hybrid(cfg)
-    seq_ids = jnp.arange(N_SEQ, dtype=jnp.int32)
-    for t in range(len(feeds[-1])):
-        toks = [f[t] if t < len(f) else 0 for f in feeds] + [0]
-        active = [t < len(f) for f in feeds] + [False]
-        _, mem, code = decode_tokens(
-            plugin,
-            params,
-            mem,
-            jnp.asarray(toks, jnp.int32),
-            seq_ids,
-            jnp.asarray(active),
-            cfg=cfg,
-            n_ubatch=N_SEQ,
-        )
-        assert int(code) == jh.DecodeCode.OK
-    # When sequences 1 and 2 roll back to the prompt's last position
-    for s in (1, 2):
-        mem, ok = jh.seq_rm(mem, s, len(prompt), -1, cfg)
-        assert bool(ok)
-        assert int(jh.seq_pos_max(mem, s, cfg)) == len(prompt) - 1
-    # Then all three continue with the logits transformers gives the prompt alone
+    # When two sequences roll back 1 and K = n_snapshots tokens (§5.10) decoded in the prompt's
+    # ubatch, and a third never saw them
+    prompt, extra = _prompts(vocab, (6, K), seed=3)
     want = fam.hf_greedy(path, prompt, N_NEW)
-    ref = fam.hf_logits(path, prompt + want)
-    for i, tok in enumerate(want):
-        logits, mem, code = decode_tokens(
-            plugin,
-            params,
-            mem,
-            jnp.asarray([tok] * 3 + [0], jnp.int32),
-            seq_ids,
-            jnp.asarray([True] * 3 + [False]),
-            cfg=cfg,
-            n_ubatch=N_SEQ,
-        )
-        assert int(code) == jh.DecodeCode.OK
-        logits = np.asarray(logits)
-        for s in range(3):
-            err = np.abs(logits[s] - ref[len(prompt) + i]).max()
-            assert err <= TOL, (name, s, i, err)
+    logits, mem = _rollback_logits(plugin, params, cfg, prompt, extra, want)
+    # Then all three continue with the logits transformers gives the prompt alone
+    ref = fam.hf_logits(path, prompt + want)[len(prompt) :]
+    for seq, rows in logits.items():
+        err = float(np.abs(np.stack(rows) - ref).max())
+        assert err <= TOL, (name, seq, err)
     # And a rollback deeper than n_snapshots is refused, leaving the memory as it was
     leaves = [np.asarray(x) for x in jax.tree.leaves(mem)]
     new, ok = jh.seq_rm(mem, 0, len(prompt) + N_NEW - K - 1, -1, cfg)
     assert not bool(ok)
     for x, y in zip(leaves, jax.tree.leaves(new), strict=True):
         np.testing.assert_array_equal(x, np.asarray(y))
+
+    # When a second engine run joins prompts of other lengths (one chunk instead of two, a later
+    # shift; the saved sequence's 12 cells in the same power-of-two bucket of state I/O rows as 9)
+    before = _COMPILES[0]
+    again = _engine_run(plugin, params, cfg, _prompts(vocab, (10, 13, 19), seed=2))
+    # Then it compiled nothing: one compilation of each step serves every mix of requests
+    assert _COMPILES[0] == before, f"{_COMPILES[0] - before} compilations in the second run"
+    assert again["n_shifts"] >= 1 and again["all_freed"]

@@ -1,5 +1,5 @@
 """The one entry point: :func:`jaxhybrid.models.load_model` reads ``config.json`` and loads the
-family its ``model_type`` names, exactly as that family's own loader does (§7.1: the memory
+family its ``model_type`` names, exactly as that family's own loader does (§7.2: the memory
 layout it plans routes each layer as the family declares)."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import pytest
 pytest.importorskip("flax")
 pytest.importorskip("transformers")
 
-import family_bamba  # noqa: E402
-import family_falcon_h1  # noqa: E402
-import family_granite  # noqa: E402
-import family_nemotron_h  # noqa: E402
-import jamba_utils  # noqa: E402
+import family_bamba
+import family_falcon_h1
+import family_granite
+import family_nemotron_h
+import jamba_utils
 
-import jaxhybrid as jh  # noqa: E402
-import jaxhybrid.models as jm  # noqa: E402
+import jaxhybrid as jh
+import jaxhybrid.models as jm
 
 # model_type -> (build a tiny checkpoint in a directory, the family's own loader, plug-in,
 # memory routing of the tiny config: per layer (attention, recurrent)).
@@ -72,7 +72,7 @@ def test_load_model_picks_the_family(tmp_path, model_type):
 
 
 def test_layer_routing_follows_the_family(tmp_path):
-    # Falcon-H1 runs attention and Mamba-2 in every layer: both parts serve each layer (§7.1);
+    # Falcon-H1 runs attention and Mamba-2 in every layer: both parts serve each layer (§7.2);
     # Nemotron-H's MLP and MoE layers are served by neither.
     family_falcon_h1.tiny_checkpoint(tmp_path / "falcon")
     family_nemotron_h.tiny_checkpoint(tmp_path / "nemotron")
@@ -103,5 +103,5 @@ def test_an_unsupported_model_type_lists_the_supported_ones(tmp_path, model_type
 def test_load_model_refuses_a_path_that_is_no_directory(tmp_path):
     with pytest.raises(jh.InvalidArgumentError, match="is not a directory"):
         jm.load_model(tmp_path / "missing")
-    with pytest.raises(jh.InvalidTypeError, match="path must be a str or os.PathLike"):
+    with pytest.raises(jh.InvalidTypeError, match=r"path must be a str or os\.PathLike"):
         jm.load_model(3)
