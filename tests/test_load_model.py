@@ -9,6 +9,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh, PartitionSpec
 
 pytest.importorskip("flax")
 pytest.importorskip("transformers")
@@ -69,6 +70,13 @@ def test_load_model_picks_the_family(tmp_path, model_type):
     cfg = plugin.memory_config(kv_size=32, n_seq_max=2)
     assert isinstance(cfg, jh.HybridConfig)
     assert len(cfg.layer_kinds) == config.num_hidden_layers
+    # and its tensor-parallel rules give every parameter a spec, splitting some over "model"
+    mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
+    specs = jax.tree.leaves(
+        plugin.param_specs(model, mesh), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    assert len(specs) == len(want)
+    assert any("model" in spec for spec in specs)
 
 
 def test_layer_routing_follows_the_family(tmp_path):
