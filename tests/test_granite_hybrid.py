@@ -202,3 +202,13 @@ def test_loader_refuses_a_bad_config_field(case, tmp_path, field, value, error):
     path = fb.copy_checkpoint(case.path, tmp_path, edit_config=edit)
     with pytest.raises(error, match=field):
         load_granite_hybrid(path)
+
+
+def test_config_takes_a_dense_model_routing_no_experts(case):
+    # Given the test config made dense, with 0 experts of 0 (as Granite-4.0-H-Micro's config)
+    raw = dict(case.config.__dict__, model_type="granitemoehybrid")
+    dense = GraniteHybridConfig.from_hf(dict(raw, num_local_experts=0, num_experts_per_tok=0))
+    # Then it is accepted, and 0 routed experts of a sparse model is not
+    assert (dense.num_local_experts, dense.num_experts_per_tok) == (0, 0)
+    with pytest.raises(jh.InvalidArgumentError, match="num_experts_per_tok"):
+        GraniteHybridConfig.from_hf(dict(raw, num_experts_per_tok=0))

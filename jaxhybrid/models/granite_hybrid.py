@@ -154,7 +154,9 @@ class GraniteHybridConfig:
             check_int(_OWNER, name, getattr(self, name), 1)
         check_int(_OWNER, "shared_intermediate_size", self.shared_intermediate_size, 1)
         check_int(_OWNER, "num_local_experts", self.num_local_experts, 0)
-        check_int(_OWNER, "num_experts_per_tok", self.num_experts_per_tok, 1)
+        # A dense model (no experts; Granite-4.0-H-Micro's config says 0 of 0) routes nothing.
+        least = 1 if self.num_local_experts > 0 else 0
+        check_int(_OWNER, "num_experts_per_tok", self.num_experts_per_tok, least)
         if 0 < self.num_local_experts < self.num_experts_per_tok:
             raise jh.InvalidArgumentError(
                 f"{_OWNER}: num_experts_per_tok ({self.num_experts_per_tok}) must be <= "
