@@ -64,15 +64,21 @@ def available(src: str | os.PathLike | None) -> str | None:
     return None
 
 
-def write_tokenizer(ckpt: Path, vocab_size: int) -> None:
+def write_tokenizer(ckpt: Path, vocab_size: int, *, one_merge: bool = False) -> None:
     """A minimal Llama-style BPE ``tokenizer.json`` of ``vocab_size`` tokens: the converter
-    needs a vocabulary; the benchmark feeds token ids directly and never tokenizes text."""
+    needs a vocabulary; the benchmark feeds token ids directly and never tokenizes text.
+    ``one_merge``: the last token is ``"ab"``, the merge of ``"a"`` and ``"b"`` (llama.cpp refuses
+    a GPT-2 style vocabulary without merges)."""
     from tokenizers import Tokenizer, decoders, models
 
     names = ["<unk>", "<s>", "</s>", *(chr(c) for c in range(33, 127)), "\u2581"]
     names += [f"<t{i}>" for i in range(vocab_size)]
-    vocab = {t: i for i, t in enumerate(names[:vocab_size])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    names = names[:vocab_size]
+    merges = []
+    if one_merge:
+        names[-1], merges = "ab", [("a", "b")]
+    vocab = {t: i for i, t in enumerate(names)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
     tok.decoder = decoders.Sequence(
         [
             decoders.Replace("\u2581", " "),
@@ -91,11 +97,28 @@ def write_tokenizer(ckpt: Path, vocab_size: int) -> None:
     (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def convert(ckpt: Path, src, out: Path, vocab_size: int) -> Path:
-    """Converts the Hugging Face checkpoint ``ckpt`` to GGUF f32 with llama.cpp's converter."""
-    write_tokenizer(ckpt, vocab_size)
+# Runs the converter with its BPE pre-tokenizer check answered "default": the families that
+# llama.cpp reads with a GPT-2 style vocabulary identify the pre-tokenizer by hashing how the
+# tokenizer splits a test text, which the synthetic vocabulary of write_tokenizer matches to no
+# known model. The benchmarks feed token ids and never tokenize text, so the name is unused.
+_DEFAULT_PRE = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def convert(ckpt: Path, src, out: Path, vocab_size: int, *, default_pre: bool = False) -> Path:
+    """Converts the Hugging Face checkpoint ``ckpt`` to GGUF f32 with llama.cpp's converter
+    (``default_pre``: with the BPE pre-tokenizer named "default", see ``_DEFAULT_PRE``)."""
+    write_tokenizer(ckpt, vocab_size, one_merge=default_pre)
     converter = find_converter(src)
     cmd = [sys.executable, str(converter), str(ckpt), "--outtype", "f32", "--outfile", str(out)]
+    if default_pre:
+        cmd[1:1] = ["-c", _DEFAULT_PRE]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=converter.parent)
     if proc.returncode != 0:
         raise RuntimeError(f"{_CONVERTER} failed:\n{proc.stderr[-2000:]}")
