@@ -83,6 +83,24 @@ N_GREEDY = 16
 N_PROMPT = 100
 
 
+def llama_cpp_checkpoint(family: str, tests, path: Path) -> Path:
+    """The family's tiny test checkpoint with :data:`_LLAMA_CPP_CONFIG`, written in ``path``."""
+    if family == "nemotron_h":
+        return tests.tiny_checkpoint(path, seed=0, **_LLAMA_CPP_CONFIG[family])
+    return tests.tiny_checkpoint(path, {**tests.HF_CONFIG, **_LLAMA_CPP_CONFIG[family]}, seed=0)
+
+
+def convert(path: Path, src, out: Path, vocab_size: int) -> Path:
+    """``path`` converted to GGUF f32 by llama.cpp's converter (after jaxhybrid loaded it: the
+    converter reads transformers 4's layer type names, written into config.json here)."""
+    config = json.loads((path / "config.json").read_text())
+    if "layer_types" in config:
+        legacy = {"full_attention": "attention", "linear_attention": "mamba"}
+        config["layer_types"] = [legacy.get(t, t) for t in config["layer_types"]]
+        (path / "config.json").write_text(json.dumps(config))
+    return lcpp.convert(path, src, out, vocab_size, default_pre=True)
+
+
 class _Ours:
     """The family on jaxhybrid: one compiled prefill (one row of ``N_PROMPT`` tokens)."""
 
@@ -123,20 +141,11 @@ class _Ours:
 def compare(family: str, helper: str, work: Path, src, threads: int) -> dict:
     """One family's figures (or the reason it could not be compared)."""
     tests = importlib.import_module(helper)
-    path = work / family
-    if family == "nemotron_h":
-        path = tests.tiny_checkpoint(path, seed=0, **_LLAMA_CPP_CONFIG[family])
-    else:
-        path = tests.tiny_checkpoint(path, {**tests.HF_CONFIG, **_LLAMA_CPP_CONFIG[family]}, seed=0)
+    path = llama_cpp_checkpoint(family, tests, work / family)
     ours = _Ours(path)
     vocab = ours.plugin.n_vocab
-    config = json.loads((path / "config.json").read_text())
-    if "layer_types" in config:  # the converter knows transformers 4's names only
-        legacy = {"full_attention": "attention", "linear_attention": "mamba"}
-        config["layer_types"] = [legacy.get(t, t) for t in config["layer_types"]]
-        (path / "config.json").write_text(json.dumps(config))
     try:
-        gguf = lcpp.convert(path, src, work / f"{family}-f32.gguf", vocab, default_pre=True)
+        gguf = convert(path, src, work / f"{family}-f32.gguf", vocab)
         peer = lcpp.LlamaCppPeer(gguf, n_seq=1, n_ctx_seq=256, threads=threads)
     except Exception as e:  # the converter's or llama.cpp's refusal is the finding
         return dict(family=family, error=f"{type(e).__name__}: {str(e)[-600:]}")
