@@ -152,11 +152,11 @@ def compare(family: str, helper: str, work: Path, src, threads: int) -> dict:
     try:
         rng = np.random.default_rng(7)
         prompts = [rng.integers(0, vocab, n).tolist() for n in PROMPT_LENGTHS]
-        diffs = {}
+        diffs, scale = {}, 0.0
         for prompt in prompts:
-            theirs = peer.logits(prompt)
-            diffs[len(prompt)] = float(np.abs(ours.logits(prompt) - theirs).max())
-        scale = float(np.abs(ours.logits(prompts[-1])).max())
+            mine = ours.logits(prompt)
+            diffs[len(prompt)] = float(np.abs(mine - peer.logits(prompt)).max())
+            scale = max(scale, float(np.abs(mine).max()))
         ref_greedy = peer.generate([prompts[1]], N_GREEDY)[0][0]
         our_greedy = ours.greedy(prompts[1], N_GREEDY)
     finally:
