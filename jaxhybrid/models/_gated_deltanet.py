@@ -361,7 +361,7 @@ class GatedDeltaNet(nnx.Module):
         q, k = (jnp.repeat(t, nv // nk, axis=1) for t in (q, k))
         beta = jax.nn.sigmoid(b.astype(jnp.float32))
         a_pos = jnp.exp(self.A_log[...].astype(jnp.float32))
-        dt = jax.nn.softplus(a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        dt = jax.nn.softplus(a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)[None, :])
         g = -a_pos[None, :] * dt
         y, s, s_tok = gated_delta_rule(
             q,
