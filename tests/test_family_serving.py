@@ -1,4 +1,5 @@
-"""Every Mamba-2 family on the generic serving layer, against transformers' own greedy decoding.
+"""Every family on the generic serving layer (Mamba-2, Gated DeltaNet and short-convolution
+hybrids), against transformers' own greedy decoding.
 
 Per family (a tiny seeded checkpoint written by transformers and read by
 :func:`jaxhybrid.models.load_model`): one :class:`~jaxhybrid.serving.Engine` run with joins,
@@ -25,7 +26,9 @@ pytest.importorskip("transformers")
 import family_bamba  # noqa: E402
 import family_falcon_h1  # noqa: E402
 import family_granite  # noqa: E402
+import family_lfm2  # noqa: E402
 import family_nemotron_h  # noqa: E402
+import family_qwen  # noqa: E402
 
 import jaxhybrid as jh  # noqa: E402
 import jaxhybrid.models as jm  # noqa: E402
@@ -40,11 +43,29 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:torch.*"),
 ]
 
+
+class _QwenVariant:
+    """A Qwen3-Next / Qwen3.5 variant of ``family_qwen`` with the family modules' interface."""
+
+    hf_greedy = staticmethod(family_qwen.hf_greedy)
+    hf_logits = staticmethod(family_qwen.hf_logits)
+
+    def __init__(self, variant: str):
+        self.variant = variant
+
+    def tiny_checkpoint(self, path):
+        return family_qwen.tiny_checkpoint(path, self.variant)
+
+
 FAMILIES = {
     "nemotron_h": family_nemotron_h,
     "granitemoehybrid": family_granite,
     "falcon_h1": family_falcon_h1,
     "bamba": family_bamba,
+    "lfm2": family_lfm2,
+    # Qwen3.5-MoE serves exactly as Qwen3.5 (same layers, same memory; only its feed-forward
+    # differs, whose parity test_qwen3_next covers).
+    **{v: _QwenVariant(v) for v in ("qwen3_next", "qwen3_5")},
 }
 N_SEQ = 4
 N_UBATCH = 16

@@ -17,7 +17,9 @@ pytest.importorskip("transformers")
 import family_bamba
 import family_falcon_h1
 import family_granite
+import family_lfm2
 import family_nemotron_h
+import family_qwen
 import jamba_utils
 
 import jaxhybrid as jh
@@ -39,6 +41,29 @@ FAMILIES = {
     ),
     "falcon_h1": (family_falcon_h1.tiny_checkpoint, jm.load_falcon_h1, jm.FalconH1Model),
     "bamba": (family_bamba.tiny_checkpoint, jm.load_bamba, jm.BambaModel),
+    "lfm2": (family_lfm2.tiny_checkpoint, jm.load_lfm2, jm.Lfm2Model),
+    "qwen3_next": (family_qwen.tiny_checkpoint, jm.load_qwen3_next, jm.Qwen3NextModel),
+    "qwen3_5_text": (
+        lambda p: family_qwen.tiny_checkpoint(p, "qwen3_5"),
+        jm.load_qwen3_next,
+        jm.Qwen3NextModel,
+    ),
+    "qwen3_5_moe_text": (
+        lambda p: family_qwen.tiny_checkpoint(p, "qwen3_5_moe"),
+        jm.load_qwen3_next,
+        jm.Qwen3NextModel,
+    ),
+    # The conditional-generation checkpoints (their vision tower is skipped with a warning).
+    "qwen3_5": (
+        lambda p: family_qwen.tiny_conditional_checkpoint(p, "qwen3_5"),
+        jm.load_qwen3_next,
+        jm.Qwen3NextModel,
+    ),
+    "qwen3_5_moe": (
+        lambda p: family_qwen.tiny_conditional_checkpoint(p, "qwen3_5_moe"),
+        jm.load_qwen3_next,
+        jm.Qwen3NextModel,
+    ),
 }
 
 
@@ -46,6 +71,7 @@ def test_every_supported_model_type_has_a_case():
     assert sorted(FAMILIES) == list(jm.SUPPORTED_MODEL_TYPES)
 
 
+@pytest.mark.filterwarnings("ignore:.*vision tower:UserWarning")
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_load_model_picks_the_family(tmp_path, model_type):
     # Given a tiny checkpoint of the family written by transformers

@@ -6,14 +6,16 @@ speculative decoding live in :mod:`jaxhybrid.serving`.
 
 Public names: :func:`load_model`, which reads a checkpoint directory's ``config.json`` and loads
 any supported family (:data:`SUPPORTED_MODEL_TYPES`); per family (Jamba, Nemotron-H,
-Granite-4.0-H, Falcon-H1, Bamba) its config, model, Hugging Face loader and plug-in; the
-Mamba-2 mixer and its SSD scan; the generic pieces a new family is built from
-(:class:`FlaxHybridModel`, :func:`hybrid_step_fn`, :func:`layer_memory_config`,
-:func:`load_checkpoint`); the :class:`ModelMemory` protocol every model step runs against, and
-:class:`DenseMemory`, a plain reference implementation of that protocol.
+Granite-4.0-H, Falcon-H1, Bamba, Qwen3-Next / Qwen3.5, LFM2) its config, model, Hugging Face loader
+and plug-in; the Mamba-2 mixer and its SSD scan, the Gated DeltaNet mixer and its delta rule;
+the generic pieces a new family is built from (:class:`FlaxHybridModel`,
+:func:`hybrid_step_fn`, :func:`layer_memory_config`, :func:`load_checkpoint`); the
+:class:`ModelMemory` protocol every model step runs against, and :class:`DenseMemory`, a plain
+reference implementation of that protocol.
 """
 
 from jaxhybrid.models._dense_memory import DenseMemory, init_dense_memory
+from jaxhybrid.models._gated_deltanet import GatedDeltaNet, gated_delta_rule
 from jaxhybrid.models._hybrid_adapter import (
     FlaxHybridModel,
     HybridModelMemory,
@@ -65,12 +67,20 @@ from jaxhybrid.models.jamba import (
     forward,
     init_jamba,
 )
+from jaxhybrid.models.lfm2 import Lfm2, Lfm2Config, Lfm2Model, init_lfm2, load_lfm2
 from jaxhybrid.models.nemotron_h import (
     NemotronH,
     NemotronHConfig,
     NemotronHModel,
     init_nemotron_h,
     load_nemotron_h,
+)
+from jaxhybrid.models.qwen3_next import (
+    Qwen3Next,
+    Qwen3NextConfig,
+    Qwen3NextModel,
+    init_qwen3_next,
+    load_qwen3_next,
 )
 
 __all__ = [
@@ -84,19 +94,31 @@ __all__ = [
     "GraniteHybrid",
     "GraniteHybridConfig",
     "GraniteHybridModel",
+    "GatedDeltaNet",
+    "Lfm2",
+    "Lfm2Config",
+    "Lfm2Model",
     "Mamba2Mixer",
     "NemotronH",
     "NemotronHConfig",
     "NemotronHModel",
+    "Qwen3Next",
+    "Qwen3NextConfig",
+    "Qwen3NextModel",
+    "gated_delta_rule",
+    "init_qwen3_next",
+    "load_qwen3_next",
     "checkpoint_dir",
     "checkpoint_tensor_names",
     "init_bamba",
     "init_falcon_h1",
     "init_granite_hybrid",
+    "init_lfm2",
     "init_nemotron_h",
     "load_bamba",
     "load_falcon_h1",
     "load_granite_hybrid",
+    "load_lfm2",
     "load_nemotron_h",
     "ssd",
     "DenseMemory",

@@ -21,7 +21,12 @@ _FAMILIES: dict[str, tuple[str, str, str]] = {
     "falcon_h1": ("FalconH1Config", "load_falcon_h1", "FalconH1Model"),
     "granitemoehybrid": ("GraniteHybridConfig", "load_granite_hybrid", "GraniteHybridModel"),
     "jamba": ("JambaConfig", "load_jamba", "JambaModel"),
+    "lfm2": ("Lfm2Config", "load_lfm2", "Lfm2Model"),
     "nemotron_h": ("NemotronHConfig", "load_nemotron_h", "NemotronHModel"),
+    **{
+        t: ("Qwen3NextConfig", "load_qwen3_next", "Qwen3NextModel")
+        for t in ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+    },
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
