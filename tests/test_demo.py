@@ -349,3 +349,36 @@ def test_notebooks_are_colab_ready_and_committed_without_outputs(name):
     # And only the public API is used
     source = "".join("".join(c["source"]) for c in code)
     assert "jaxhybrid._" not in source and "models._" not in source
+
+
+def test_header_counts_layers_by_the_memory_part_serving_them():
+    # Given plug-ins of families whose configs name their recurrent layers differently (GDN
+    # layers, short-conv blocks, Nemotron-H's MLP layers served by neither part)
+    import argparse
+
+    from jaxhybrid.cli._model import DemoModel
+    from jaxhybrid.cli._report import Printer, print_header
+    from jaxhybrid.models import (
+        Lfm2Config,
+        Lfm2Model,
+        NemotronHConfig,
+        NemotronHModel,
+        Qwen3NextConfig,
+        Qwen3NextModel,
+    )
+
+    plugins = {
+        "2 attention, 6 recurrent": Qwen3NextModel(Qwen3NextConfig(num_hidden_layers=8)),
+        "1 attention, 2 recurrent": Lfm2Model(
+            Lfm2Config(num_hidden_layers=3, layer_types=("conv", "full_attention", "conv"))
+        ),
+        "1 attention, 1 recurrent": NemotronHModel(NemotronHConfig(layers_block_type="M*-E")),
+    }
+    args = argparse.Namespace(kv_per_seq=False, ctx=40, n_keep=4)
+    for want, plugin in plugins.items():
+        out = io.StringIO()
+        mdl = DemoModel(plugin.config, plugin, None, None, (), "tiny")
+        # When the session header is printed
+        print_header(Printer(out, quiet=False, every=1), mdl, args, 4, 160)
+        # Then the layers are counted by the memory part that serves them
+        assert f"{plugin.config.num_hidden_layers} layers ({want})" in out.getvalue()

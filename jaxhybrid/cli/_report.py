@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from typing import TextIO
 
+import jaxhybrid as jh
 from jaxhybrid.cli._model import DemoModel
 from jaxhybrid.serving import Engine, MemoryUsage
 
@@ -144,10 +145,13 @@ def print_header(
 ) -> None:
     """The model and the memory layout the session runs on."""
     c = mdl.config
+    kinds = [jh.LayerKind(k) for k in mdl.plugin.memory_layout()["layer_kinds"]]
+    n_attn = sum(k.attention for k in kinds)
+    n_recr = sum(k.recurrent for k in kinds)
     pr.line(f"model: {mdl.name}")
     pr.line(
-        f"  {c.num_hidden_layers} layers ({len(c.attention_layers)} attention, "
-        f"{len(c.mamba_layers)} Mamba), hidden {c.hidden_size}, vocab {c.vocab_size}"
+        f"  {len(kinds)} layers ({n_attn} attention, {n_recr} recurrent), hidden "
+        f"{c.hidden_size}, vocab {c.vocab_size}"
     )
     layout = f"{n_seq} streams x {kv_size}" if args.kv_per_seq else f"unified, {kv_size}"
     pr.line(
