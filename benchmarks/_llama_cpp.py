@@ -111,12 +111,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def convert(ckpt: Path, src, out: Path, vocab_size: int, *, default_pre: bool = False) -> Path:
+def convert(
+    ckpt: Path, src, out: Path, vocab_size: int, *, default_pre: bool = False, extra=()
+) -> Path:
     """Converts the Hugging Face checkpoint ``ckpt`` to GGUF f32 with llama.cpp's converter
-    (``default_pre``: with the BPE pre-tokenizer named "default", see ``_DEFAULT_PRE``)."""
+    (``default_pre``: with the BPE pre-tokenizer named "default", see ``_DEFAULT_PRE``;
+    ``extra``: more converter arguments)."""
     write_tokenizer(ckpt, vocab_size, one_merge=default_pre)
     converter = find_converter(src)
     cmd = [sys.executable, str(converter), str(ckpt), "--outtype", "f32", "--outfile", str(out)]
+    cmd += list(extra)
     if default_pre:
         cmd[1:1] = ["-c", _DEFAULT_PRE]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=converter.parent)

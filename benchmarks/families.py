@@ -1,10 +1,13 @@
-"""Decode of the Mamba-2 families (``python -m benchmarks --only families``).
+"""Decode and prefill of the model families (``python -m benchmarks --only families``).
 
-For each Mamba-2 family of :mod:`jaxhybrid.models` (Nemotron-H, Granite-4.0-H, Falcon-H1, Bamba)
-the tiny seeded test checkpoint (``tests/family_*.py``, written by transformers, float32) with the
-options llama.cpp implements (``benchmarks/llama_cpp_parity.py``: no projection biases, ...) is
-loaded with :func:`jaxhybrid.models.load_model` and decoded greedily by every peer, measured as
-``benchmarks/run.py`` measures the Jamba (peers interleaved round by round, min over rounds):
+For each family of :mod:`jaxhybrid.models` but Jamba (Nemotron-H, Granite-4.0-H, Falcon-H1,
+Bamba, LFM2, Qwen3-Next, Qwen3.5, Qwen3.5-MoE) the tiny seeded test checkpoint
+(``tests/family_*.py``, written by transformers, float32) with the options llama.cpp implements
+(``benchmarks/llama_cpp_parity.py``: no projection biases, ...) is loaded with
+:func:`jaxhybrid.models.load_model` and run by every peer, measured as ``benchmarks/run.py``
+measures the Jamba (peers interleaved round by round, min over rounds).
+
+Decode (greedy):
 
 - ``jaxhybrid``: :func:`jaxhybrid.decode` with the family's ``plugin.step_fn(cfg)`` in the jitted
   greedy loop of :func:`benchmarks.run.jh_decode` (prompts in one ubatch, then one token per
@@ -20,29 +23,54 @@ loaded with :func:`jaxhybrid.models.load_model` and decoded greedily by every pe
 
 ``same tokens`` says whether a peer's greedy tokens equal jaxhybrid's (reported, not asserted: a
 near tie of two logits may flip a token in float32).
+
+Prefill of one 512-token prompt (``family_prefill``): :func:`jaxhybrid.serving.prefill` in one
+ubatch of 512 (the Gated DeltaNet in its chunked form, and again pinned to its one-step
+recurrence, ``jaxhybrid, GDN per-token scan``, for the chunked form's speed-up), transformers'
+forward with a cache (``use_cache=True``), llama.cpp's prefill in one ubatch of 512.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
+import jaxhybrid as jh
 from benchmarks import _llama_cpp as lcpp
-from benchmarks.run import _TESTS, Ctx, _hf_peer, _prompts, decode_rounds, jh_decode_time
-from jaxhybrid.models import load_model
+from benchmarks.run import (
+    _TESTS,
+    Ctx,
+    Rounds,
+    _block,
+    _hf_peer,
+    _prompts,
+    decode_rounds,
+    jh_decode_time,
+)
+from jaxhybrid.models import SUPPORTED_MODEL_TYPES, load_model
+from jaxhybrid.serving import prefill
 
-# model_type -> the test helper module (tests/) writing its tiny checkpoint.
+# family -> the test helper module (tests/) writing its tiny checkpoint (the Qwen variants are
+# the variants of family_qwen).
 FAMILIES: dict[str, str] = {
     "nemotron_h": "family_nemotron_h",
     "granitemoehybrid": "family_granite",
     "falcon_h1": "family_falcon_h1",
     "bamba": "family_bamba",
+    "lfm2": "family_lfm2",
+    "qwen3_next": "family_qwen",
+    "qwen3_5": "family_qwen",
+    "qwen3_5_moe": "family_qwen",
 }
+N_PREFILL = 512
 
 
 def _first_diff(a: np.ndarray, b: np.ndarray) -> int | None:
@@ -69,11 +97,16 @@ def bench_families(ctx: Ctx) -> list[dict]:
         tests = importlib.import_module(helper)
         path = parity.llama_cpp_checkpoint(family, tests, work / family)
         model_type = json.loads((path / "config.json").read_text())["model_type"]
-        assert model_type == family, (family, model_type)
+        assert model_type in SUPPORTED_MODEL_TYPES, (family, model_type)
         plugin, params = load_model(path)
         gguf = None
         if ctx.llama_skip is None and family not in _LLAMA_CPP_CRASHES:
-            gguf = parity.convert(path, a.llama_cpp_src, work / f"{family}.gguf", plugin.n_vocab)
+            gguf = parity.convert(
+                path, a.llama_cpp_src, work / f"{family}.gguf", plugin.n_vocab, family=family
+            )
+        ctx.results.setdefault("family_prefill", []).extend(
+            _prefill_rows(ctx, family, plugin, params, tests, path, gguf)
+        )
         for n_seq in a.decode_seqs:
             prompts = _prompts(n_seq, a.prompt, plugin.n_vocab, seed=n_seq)
             cfg = plugin.memory_config(kv_size=a.context * n_seq, n_seq_max=n_seq)
@@ -122,3 +155,94 @@ def bench_families(ctx: Ctx) -> list[dict]:
             "(benchmarks/llama_cpp_parity.py)"
         )
     return rows
+
+
+def _gdn_pinned(params, method: str):
+    """A copy of a Qwen model whose Gated DeltaNet layers all run ``method``."""
+    pinned = copy.deepcopy(params)
+    for layer in pinned.layers:
+        if hasattr(layer, "linear_attn"):
+            layer.linear_attn.method = method
+    return pinned
+
+
+def _prefill_rows(ctx: Ctx, family, plugin, params, tests, path, gguf) -> list[dict]:
+    """Milliseconds of one 512-token prompt's prefill by every peer (module docstring)."""
+    import torch
+
+    a = ctx.args
+    prompt = _prompts(1, N_PREFILL, plugin.n_vocab, seed=11)
+    cfg = plugin.memory_config(kv_size=2 * N_PREFILL, n_seq_max=1)
+
+    def ours(params):
+        def run():
+            mem = _block(jh.init_hybrid(cfg))
+            t = time.perf_counter()
+            _, _, code = _block(
+                prefill(
+                    plugin,
+                    params,
+                    mem,
+                    jnp.asarray(prompt),
+                    jnp.asarray([N_PREFILL], jnp.int32),
+                    jnp.asarray([0], jnp.int32),
+                    cfg=cfg,
+                    n_ubatch=N_PREFILL,
+                )
+            )
+            assert int(code) == jh.DecodeCode.OK
+            return time.perf_counter() - t
+
+        return run
+
+    fns = {"jaxhybrid": ours(params)}
+    if family.startswith("qwen"):
+        fns["jaxhybrid, GDN per-token scan"] = ours(_gdn_pinned(params, "recurrent"))
+    if not a.no_transformers:
+        torch.set_num_threads(a.threads)
+        hf = tests.hf_model(path)
+        ids = torch.tensor(prompt, dtype=torch.long)
+
+        def hf_run():
+            with torch.no_grad():
+                t = time.perf_counter()
+                hf(ids, use_cache=True)
+                return time.perf_counter() - t
+
+        fns["transformers"] = hf_run
+    peer = None
+    if gguf is not None:
+        peer = lcpp.LlamaCppPeer(
+            gguf, n_seq=1, n_ctx_seq=2 * N_PREFILL, threads=a.threads, n_ubatch=N_PREFILL
+        )
+
+        def llama_run():
+            peer.clear()
+            t = time.perf_counter()
+            peer.prefill(prompt.tolist())
+            return time.perf_counter() - t
+
+        fns["llama.cpp"] = llama_run
+    for fn in fns.values():
+        fn()
+    rounds = Rounds()
+    for r in range(a.rounds):
+        for name, fn in fns.items():
+            if name == "transformers" and r:
+                continue  # one round, as in the decode rows
+            rounds.add(name, fn())
+    if peer is not None:
+        peer.close()
+    base = rounds.best("jaxhybrid")
+    return [
+        dict(
+            family=family,
+            peer=name,
+            ms=rounds.best(name) * 1e3,
+            tok_per_s=N_PREFILL / rounds.best(name),
+            jaxhybrid_speedup=rounds.best(name) / base,
+            spread=rounds.spread(name),
+            rounds=len(rounds.times[name]),
+        )
+        for name in fns
+    ]

@@ -1,16 +1,17 @@
-"""Logit parity of the Mamba-2 families with llama.cpp (a peer comparison, not a CI test).
+"""Logit parity of the model families with llama.cpp (a peer comparison, not a CI test).
 
 ``python -m benchmarks.llama_cpp_parity --llama-cpp-src DIR [--json FILE]``
 
 For each family of :data:`benchmarks.families.FAMILIES` (Nemotron-H, Granite-4.0-H, Falcon-H1,
-Bamba) the tiny seeded test checkpoint (``tests/family_*.py``, written by transformers, float32)
-is converted to GGUF f32 by llama.cpp's own ``convert_hf_to_gguf.py`` and run through
-llama-cpp-python's C API (``benchmarks/_llama_cpp.py``: f32 K/V, no flash attention). Compared with
+Bamba, LFM2, Qwen3-Next, Qwen3.5, Qwen3.5-MoE) the tiny seeded test checkpoint
+(``tests/family_*.py``, written by transformers, float32) is converted to GGUF f32 by llama.cpp's
+own ``convert_hf_to_gguf.py`` and run through llama-cpp-python's C API
+(``benchmarks/_llama_cpp.py``: f32 K/V, no flash attention). Compared with
 jaxhybrid (the checkpoint loaded by :func:`jaxhybrid.models.load_model`, run by
 :func:`jaxhybrid.serving.prefill` on the hybrid memory):
 
-- every token's logits of prompts of 1, 7, 33 and 100 tokens (100 spans six 16-token SSD chunks):
-  the largest absolute difference per prompt;
+- every token's logits of prompts of 1, 7, 33, 100 and 200 tokens (100 spans six 16-token SSD
+  chunks, 200 more than three 64-token GDN chunks): the largest absolute difference per prompt;
 - 16 greedy tokens after the 7-token prompt: whether they are the same.
 
 A family the converter or llama.cpp refuses is reported with the reason instead of figures.
@@ -37,7 +38,7 @@ from benchmarks.run import _TESTS
 from jaxhybrid.models import load_model
 from jaxhybrid.serving import prefill
 
-PROMPT_LENGTHS = (1, 7, 33, 100)
+PROMPT_LENGTHS = (1, 7, 33, 100, 200)
 
 # The test configs (tests/family_*.py) with the options llama.cpp implements, as the published
 # checkpoints have them (each found by a failed or differing run, 2026-12-02, llama.cpp of
@@ -50,6 +51,15 @@ PROMPT_LENGTHS = (1, 7, 33, 100)
 #   and ours by up to 2e-2 at 100 tokens, greedy tokens still the same);
 # - Bamba with full rotary: llama.cpp ignores partial_rotary_factor (transformers' Bamba default
 #   is 0.5, which jaxhybrid follows; with it llama.cpp differs by 0.3 from the second token on).
+# - Qwen3-Next's feed-forward layers all MoE and top-k weights renormalised: llama.cpp's
+#   qwen3next cannot map a dense MLP beside MoE layers ("Can not map tensor ... mlp.down_proj"),
+#   and renormalises whatever norm_topk_prob says (with the test's False its logits differ by 0.8
+#   from the first token on);
+# - Qwen3.5's M-RoPE sections sized to the tiny heads' 4 rotated features ([1, 1, 0]; llama.cpp
+#   asserts that the sections fit, transformers' default [11, 11, 10] does not; for text the
+#   three position streams are equal and the sections change nothing);
+# - LFM2 without conv bias: the converter squeezes the conv tensors and fails on a bias (the
+#   published checkpoints have none).
 # Granite-4.0-H: llama.cpp crashes (segfault) building the graph of the tiny test config, sparse
 # or dense; not investigated further.
 _LLAMA_CPP_CONFIG: dict[str, dict] = {
@@ -68,6 +78,20 @@ _LLAMA_CPP_CONFIG: dict[str, dict] = {
     ),
     "granitemoehybrid": {},
     "falcon_h1": dict(attention_bias=False, mlp_bias=False, mamba_proj_bias=False),
+    "lfm2": dict(conv_bias=False),
+    "qwen3_next": dict(mlp_only_layers=[], norm_topk_prob=True),
+    **{
+        variant: dict(
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5000.0,
+                "partial_rotary_factor": 0.5,
+                "mrope_section": [1, 1, 0],
+                "mrope_interleaved": True,
+            }
+        )
+        for variant in ("qwen3_5", "qwen3_5_moe")
+    },
     "bamba": dict(
         attention_bias=False,
         mlp_bias=False,
@@ -80,25 +104,35 @@ _LLAMA_CPP_CONFIG: dict[str, dict] = {
     ),
 }
 N_GREEDY = 16
-N_PROMPT = 100
+N_PROMPT = 200
 
 
 def llama_cpp_checkpoint(family: str, tests, path: Path) -> Path:
     """The family's tiny test checkpoint with :data:`_LLAMA_CPP_CONFIG`, written in ``path``."""
     if family == "nemotron_h":
         return tests.tiny_checkpoint(path, seed=0, **_LLAMA_CPP_CONFIG[family])
+    if family.startswith("qwen"):
+        return tests.tiny_checkpoint(path, family, seed=0, **_LLAMA_CPP_CONFIG[family])
     return tests.tiny_checkpoint(path, {**tests.HF_CONFIG, **_LLAMA_CPP_CONFIG[family]}, seed=0)
 
 
-def convert(path: Path, src, out: Path, vocab_size: int) -> Path:
+def convert(path: Path, src, out: Path, vocab_size: int, family: str) -> Path:
     """``path`` converted to GGUF f32 by llama.cpp's converter (after jaxhybrid loaded it: the
-    converter reads transformers 4's layer type names, written into config.json here)."""
+    converter reads transformers 4's layer type names of the Mamba-2 families, written into
+    config.json here; LFM2's are its own). Qwen checkpoints are converted without multi-token
+    prediction layers (``--no-mtp``; they have none, which the converter asserts otherwise);
+    transformers' Qwen3.5-MoE tokenizer class adds a token to the file's, which the converter
+    requires below the vocabulary size, so that tokenizer file holds one token less."""
     config = json.loads((path / "config.json").read_text())
-    if "layer_types" in config:
+    extra, n_tokens = (), vocab_size
+    if family.startswith("qwen"):
+        extra = ("--no-mtp",)
+        n_tokens -= family == "qwen3_5_moe"
+    elif "layer_types" in config and family != "lfm2":
         legacy = {"full_attention": "attention", "linear_attention": "mamba"}
         config["layer_types"] = [legacy.get(t, t) for t in config["layer_types"]]
         (path / "config.json").write_text(json.dumps(config))
-    return lcpp.convert(path, src, out, vocab_size, default_pre=True)
+    return lcpp.convert(path, src, out, n_tokens, default_pre=True, extra=extra)
 
 
 class _Ours:
@@ -145,7 +179,7 @@ def compare(family: str, helper: str, work: Path, src, threads: int) -> dict:
     ours = _Ours(path)
     vocab = ours.plugin.n_vocab
     try:
-        gguf = convert(path, src, work / f"{family}-f32.gguf", vocab)
+        gguf = convert(path, src, work / f"{family}-f32.gguf", vocab, family)
         peer = lcpp.LlamaCppPeer(gguf, n_seq=1, n_ctx_seq=256, threads=threads)
     except Exception as e:  # the converter's or llama.cpp's refusal is the finding
         return dict(family=family, error=f"{type(e).__name__}: {str(e)[-600:]}")

@@ -17,8 +17,9 @@ alone); ``generate()`` and transformers can only be timed whole, prompt included
 difference of ``n_new`` and 1 new tokens holds the ``n_new - 1`` decode steps. At several sequences
 jaxhybrid and llama.cpp run with both KV layouts: one unified stream (``kv_unified``), and one
 stream per sequence (`` streams``, llama.cpp's default). The ``families`` section
-(``benchmarks/families.py``) times the same jaxhybrid loop and transformers on the tiny test
-checkpoints of the Mamba-2 families (Nemotron-H, Granite-4.0-H, Falcon-H1, Bamba).
+(``benchmarks/families.py``) times the same jaxhybrid loop, transformers and llama.cpp on the
+tiny test checkpoints of the other families (Nemotron-H, Granite-4.0-H, Falcon-H1, Bamba, LFM2,
+Qwen3-Next, Qwen3.5, Qwen3.5-MoE), decode and a 512-token prefill.
 """
 
 from __future__ import annotations
@@ -894,7 +895,7 @@ def _report(res: dict) -> str:
     if "families" in res:
         out.append(
             _fmt_table(
-                "Mamba-2 families: decode ms/step (tiny test checkpoints, float32, greedy, "
+                "Model families: decode ms/step (tiny test checkpoints, float32, greedy, "
                 "prompt {prompt}, {new_tokens} new tokens, context {context}/seq)".format(
                     **res["setup"]
                 ),
@@ -916,6 +917,21 @@ def _report(res: dict) -> str:
                     ("spread", "spread", ".0%"),
                     ("same_tokens", "same tokens as jaxhybrid", ""),
                     ("first_diff", "first diff", ""),
+                ],
+            )
+        )
+    if "family_prefill" in res:
+        out.append(
+            _fmt_table(
+                "Model families: prefill of a 512-token prompt (one sequence, ubatch 512)",
+                res["family_prefill"],
+                [
+                    ("family", "family", ""),
+                    ("peer", "peer", ""),
+                    ("ms", "ms", ".1f"),
+                    ("tok_per_s", "tok/s", ",.0f"),
+                    ("jaxhybrid_speedup", "jaxhybrid speed-up", ".2f"),
+                    ("spread", "spread", ".0%"),
                 ],
             )
         )

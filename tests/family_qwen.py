@@ -93,12 +93,14 @@ def randomize_(model, seed: int) -> None:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
 
 
-def tiny_checkpoint(path, variant: str = "qwen3_next", *, seed: int = 0):
-    """Builds the variant's causal LM (float32, seeded, randomized) and saves it in ``path``."""
+def tiny_checkpoint(path, variant: str = "qwen3_next", *, seed: int = 0, **overrides):
+    """Builds the variant's causal LM (float32, seeded, randomized; config fields ``overrides``
+    replaced) and saves it in ``path``."""
     import torch
     import transformers
 
     config_cls, model_cls, kwargs = VARIANTS[variant]
+    kwargs = {**kwargs, **overrides}
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
     model = model.float().eval()
