@@ -36,6 +36,7 @@ from flax import nnx
 import jaxhybrid as jh
 from jaxhybrid.array_typing import Array, Bool, Float, Int
 from jaxhybrid.kv import rope
+from jaxhybrid.models._attention import attend
 from jaxhybrid.models._config_checks import (
     DTYPES,
     check_bool,
@@ -305,7 +306,6 @@ class Lfm2Attention(nnx.Module):
         """Attends every token slot to the cells ``mem`` lets it see (its own K/V included)."""
         n_tok = x.shape[0]
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        group = nh // nkv
         q = self.q_layernorm(self.q_proj(x).reshape(n_tok, nh, hd))
         k = self.k_layernorm(self.k_proj(x).reshape(n_tok, nkv, hd))
         v = self.v_proj(x).reshape(n_tok, nkv, hd)
@@ -313,20 +313,8 @@ class Lfm2Attention(nnx.Module):
         # rotation, so a shifted key equals one computed at its new position.
         q = rope(q, pos, theta=self.theta, neox=True)
         k = rope(k, pos, theta=self.theta, neox=True)
-        q = q.reshape(n_tok, nkv, group, hd)
-        k_all, v_all, mask, mem = mem.kv(attn_layer, k, v)
-        mask = mask & valid[:, None]
-        # K/V shared by every token ("c...") or per token ("tc...", see ModelMemory.kv).
-        kv = "tckd" if k_all.ndim == 4 else "ckd"
-        # Query head h = kv_head * group + g reads KV head kv_head (transformers' repeat_kv).
-        scores = jnp.einsum(f"tkgd,{kv}->kgtc", q, k_all.astype(q.dtype)).astype(jnp.float32)
-        scores = scores * hd**-0.5
-        scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        # Rows that may see nothing (padding) read nothing instead of a uniform average.
-        probs = jnp.where(jnp.any(mask, axis=-1)[None, None, :, None], probs, 0.0)
-        out = jnp.einsum(f"kgtc,{kv}->tkgd", probs.astype(x.dtype), v_all.astype(x.dtype))
-        return self.out_proj(out.reshape(n_tok, nh * hd)), mem
+        out, mem = attend(q, k, v, valid, mem, attn_layer, hd**-0.5)
+        return self.out_proj(out), mem
 
 
 class Lfm2ShortConv(nnx.Module):

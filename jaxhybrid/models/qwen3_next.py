@@ -47,6 +47,7 @@ from flax import nnx
 import jaxhybrid as jh
 from jaxhybrid.array_typing import Array, Bool, Float, Int
 from jaxhybrid.kv import rope
+from jaxhybrid.models._attention import attend
 from jaxhybrid.models._config_checks import (
     DTYPES,
     check_bool,
@@ -401,7 +402,6 @@ class Qwen3NextAttention(nnx.Module):
     ) -> tuple[Float[Array, "ubatch hidden"], ModelMemory]:
         n_tok = x.shape[0]
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        group = nh // nkv
         qg = self.q_proj(x).reshape(n_tok, nh, 2 * hd)
         q, gate = qg[..., :hd], qg[..., hd:].reshape(n_tok, nh * hd)
         q = self.q_norm(q)
@@ -409,16 +409,8 @@ class Qwen3NextAttention(nnx.Module):
         v = self.v_proj(x).reshape(n_tok, nkv, hd)
         q = rope(q, pos, theta=self.theta, neox=True, n_rot=self.n_rot)
         k = rope(k, pos, theta=self.theta, neox=True, n_rot=self.n_rot)
-        q = q.reshape(n_tok, nkv, group, hd)
-        k_all, v_all, mask, mem = mem.kv(attn_layer, k, v)
-        mask = mask & valid[:, None]
-        kv = "tckd" if k_all.ndim == 4 else "ckd"
-        scores = jnp.einsum(f"tkgd,{kv}->kgtc", q, k_all.astype(q.dtype)).astype(jnp.float32)
-        scores = jnp.where(mask[None, None], scores * hd**-0.5, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = jnp.where(jnp.any(mask, axis=-1)[None, None, :, None], probs, 0.0)
-        out = jnp.einsum(f"kgtc,{kv}->tkgd", probs.astype(x.dtype), v_all.astype(x.dtype))
-        out = out.reshape(n_tok, nh * hd) * jax.nn.sigmoid(gate)
+        out, mem = attend(q, k, v, valid, mem, attn_layer, hd**-0.5)
+        out = out * jax.nn.sigmoid(gate)
         return self.o_proj(out), mem
 
 
