@@ -24,6 +24,12 @@ Decode (greedy):
 ``same tokens`` says whether a peer's greedy tokens equal jaxhybrid's (reported, not asserted: a
 near tie of two logits may flip a token in float32).
 
+The Gated DeltaNet's two forms alone (``gdn_forms``): :func:`jaxhybrid.models.gated_delta_rule`
+on 512 tokens of one sequence, chunked and one-step, for the tiny test shape and two real ones
+(Qwen3-Next / Qwen3.5 layers: 16 or 32 value heads of 128 x 128), with one seq set and with 512
+(the sets a 512-slot ubatch carries through the memory protocol), the per-token states returned
+or dropped.
+
 Prefill of one 512-token prompt (``family_prefill``): :func:`jaxhybrid.serving.prefill` in one
 ubatch of 512 (the Gated DeltaNet in its chunked form, and again pinned to its one-step
 recurrence, ``jaxhybrid, GDN per-token scan``, for the chunked form's speed-up), transformers'
@@ -149,6 +155,7 @@ def bench_families(ctx: Ctx) -> list[dict]:
                         first_diff_step=_first_diff(tokens[name], ref),
                     )
                 )
+    ctx.results["gdn_forms"] = bench_gdn_forms(ctx)
     if ctx.llama_skip is None:
         ctx.results["skipped"].append(
             "llama.cpp rows of granitemoehybrid: llama.cpp crashes on its tiny test config "
@@ -246,3 +253,73 @@ def _prefill_rows(ctx: Ctx, family, plugin, params, tests, path, gguf) -> list[d
         )
         for name in fns
     ]
+
+
+# (value heads, key width, value width, seq sets) of the GDN-form rows.
+_GDN_SHAPES = (
+    (4, 8, 8, 1),
+    (4, 8, 8, 512),
+    (16, 128, 128, 1),
+    (16, 128, 128, 512),
+    (32, 128, 128, 1),
+)
+
+
+def bench_gdn_forms(ctx: Ctx) -> list[dict]:
+    """Milliseconds of the gated delta rule on 512 tokens, chunked vs one-step (docstring)."""
+    import jax
+
+    from jaxhybrid.models import gated_delta_rule
+    from jaxhybrid.models._gated_deltanet import l2norm
+    from jaxhybrid.models._mamba import set_spans
+
+    n_tok = N_PREFILL
+    rows = []
+    for heads, dk, dv, n_sets in _GDN_SHAPES:
+        rng = np.random.default_rng(0)
+        q = l2norm(jnp.asarray(rng.standard_normal((n_tok, heads, dk)), jnp.float32)) * dk**-0.5
+        k = l2norm(jnp.asarray(rng.standard_normal((n_tok, heads, dk)), jnp.float32))
+        v = jnp.asarray(rng.standard_normal((n_tok, heads, dv)), jnp.float32)
+        g = -jnp.asarray(rng.uniform(0.01, 0.5, (n_tok, heads)), jnp.float32)
+        beta = jnp.asarray(rng.uniform(0.1, 0.9, (n_tok, heads)), jnp.float32)
+        s0 = jnp.zeros((n_sets, heads, dk, dv), jnp.float32)
+        seq_set = jnp.zeros((n_tok,), jnp.int32)  # one sequence holds every token
+        args = (q, k, v, g, beta, s0, seq_set)
+        fns = {}
+        for method in ("chunked", "recurrent"):
+            for keep in (False, True):
+
+                @jax.jit
+                def run(q, k, v, g, beta, s0, seq_set, method=method, keep=keep):
+                    spans = set_spans(seq_set, s0.shape[0])
+                    y, s, s_tok = gated_delta_rule(q, k, v, g, beta, s0, spans, method=method)
+                    return (y, s, s_tok) if keep else (y, s)
+
+                def timed(run=run, args=args):
+                    t = time.perf_counter()
+                    _block(run(*args))
+                    return time.perf_counter() - t
+
+                fns[(method, keep)] = timed
+        for fn in fns.values():
+            fn()
+        rounds = Rounds()
+        for _ in range(ctx.args.rounds):
+            for key, fn in fns.items():
+                rounds.add(str(key), fn())
+        for keep in (False, True):
+            chunked = rounds.best(str(("chunked", keep)))
+            recurrent = rounds.best(str(("recurrent", keep)))
+            rows.append(
+                dict(
+                    heads=heads,
+                    dk=dk,
+                    dv=dv,
+                    n_sets=n_sets,
+                    token_states=keep,
+                    chunked_ms=chunked * 1e3,
+                    recurrent_ms=recurrent * 1e3,
+                    chunked_speedup=recurrent / chunked,
+                )
+            )
+    return rows

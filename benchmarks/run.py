@@ -920,6 +920,23 @@ def _report(res: dict) -> str:
                 ],
             )
         )
+    if "gdn_forms" in res:
+        out.append(
+            _fmt_table(
+                "Gated DeltaNet on 512 tokens of one sequence: chunked form vs one-step scan",
+                res["gdn_forms"],
+                [
+                    ("heads", "v heads", ""),
+                    ("dk", "dk", ""),
+                    ("dv", "dv", ""),
+                    ("n_sets", "seq sets", ""),
+                    ("token_states", "per-token states", ""),
+                    ("chunked_ms", "chunked ms", ".1f"),
+                    ("recurrent_ms", "one-step ms", ".1f"),
+                    ("chunked_speedup", "chunked speed-up", ".2f"),
+                ],
+            )
+        )
     if "family_prefill" in res:
         out.append(
             _fmt_table(

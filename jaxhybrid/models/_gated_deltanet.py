@@ -218,14 +218,46 @@ def _chunked(q, k, v, g, beta, s0, spans, chunk_size):
     y = y + jnp.einsum("chlj,chjv->chlv", attn, v_new)
     y = jnp.moveaxis(y, 1, 2).reshape((n_chunks * size, n_heads, dv))[:n_tokens]
 
-    # State after every slot: the entry state decayed, plus the same-run writes up to the slot.
-    s_init = jnp.where(cont[:, None, :, None, None], s_entry[:, :, None], s0_tok)
-    s_tok = jnp.exp(base)[..., None, None] * s_init
-    s_tok = s_tok + jnp.einsum("chlj,chjk,chjv->chlkv", decay, kc, v_new)
-    s_tok = jnp.moveaxis(s_tok, 1, 2).reshape((n_chunks * size, n_heads, dk, dv))[:n_tokens]
+    def flat(x):  # [C, H, Q, ...] -> [T, H, ...]
+        x = jnp.moveaxis(x, 1, 2)
+        return x.reshape((n_chunks * size, *x.shape[2:]))[:n_tokens]
 
-    final = s_tok[jnp.clip(spans.last, 0, n_tokens - 1)]
+    # Final state of every set, at its last slot: the state its run entered that slot's chunk
+    # with, decayed, plus the set's writes in that chunk decayed to the slot (a segment sum over
+    # tokens, so that the per-token states below cost nothing unless they are used).
+    n_sets = s0.shape[0]
+    last = jnp.clip(spans.last, 0, n_tokens - 1)
+    cum_t, base_t, v_new_t = flat(cum), flat(base), flat(v_new)
+    set_last = last[spans.set_idx]
+    in_last_chunk = spans.valid & (t // size == set_last // size)
+    to_last = jnp.where(in_last_chunk[:, None], cum_t[set_last] - cum_t, 0.0)
+    w_k = jnp.where(in_last_chunk[:, None], jnp.exp(to_last), 0.0)[..., None] * k
+    writes = w_k[..., :, None] * v_new_t[..., None, :]  # [T, H, dk, dv]
+    seg = jnp.where(in_last_chunk, spans.set_idx, n_sets)
+    final_writes = jax.ops.segment_sum(writes, seg, n_sets + 1)[:n_sets]
+    cont_t = cont.reshape(-1)[:n_tokens]
+    init_last = jnp.where(cont_t[last][:, None, None, None], s_entry[last // size], s0)
+    final = jnp.exp(base_t[last])[..., None, None] * init_last + final_writes
     s = jnp.where((spans.count > 0)[:, None, None, None], final, s0)
+
+    # State after every slot (only when used): inside every chunk, all chunks at once from the
+    # states entering them, S = exp(g) * S + outer(k, v_new) with the new values known; a run's
+    # first slot starts from its set's s0 instead.
+    def token_step(state, xs):
+        g_q, k_q, v_q, start_q, set_q = xs  # slot q of every chunk
+        state = jnp.where(start_q[:, None, None, None], s0[set_q], state)
+        state = jnp.exp(g_q)[..., None, None] * state + k_q[..., :, None] * v_q[..., None, :]
+        return state, state
+
+    xs = (
+        jnp.moveaxis(gc, 2, 0),  # [Q, C, H]
+        jnp.moveaxis(kc, 2, 0),  # [Q, C, H, dk]
+        jnp.moveaxis(v_new, 2, 0),  # [Q, C, H, dv]
+        jnp.moveaxis(chunked(start), 1, 0),  # [Q, C]
+        jnp.moveaxis(run_set_c, 1, 0),
+    )
+    _, s_tok = jax.lax.scan(token_step, s_entry, xs)  # [Q, C, H, dk, dv]
+    s_tok = jnp.swapaxes(s_tok, 0, 1).reshape((n_chunks * size, n_heads, dk, dv))[:n_tokens]
     return y, s, s_tok
 
 
