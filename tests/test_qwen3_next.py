@@ -1,15 +1,19 @@
-"""Qwen3-Next and Qwen3.5 (dense and MoE) in Flax NNX against transformers, through the hybrid
-memory.
+"""Qwen3-Next and Qwen3.5 (dense and MoE) in Flax NNX against transformers.
 
 One tiny seeded checkpoint per variant (``family_qwen.VARIANTS``) is written by transformers'
-``save_pretrained`` and read back by :func:`jaxhybrid.models.qwen3_next.load_qwen3_next`. Every
-forward of a variant runs through :func:`jaxhybrid.serving.prefill` with the same static shapes
-(5 rows of up to 200 tokens in ubatches of 128 slots), so each variant compiles once. The
-200-token prompt spans more than three chunks of the GDN's chunked form (64 tokens).
+``save_pretrained`` and read back by :func:`jaxhybrid.models.qwen3_next.load_qwen3_next`.
+Qwen3-Next runs through the hybrid memory: every forward goes through
+:func:`jaxhybrid.serving.prefill` with the same static shapes (5 rows of up to 200 tokens in
+ubatches of 128 slots), so it compiles once. The Qwen3.5 variants share its GDN and attention and
+differ in projections and feed-forward; their prompts run as the seq sets of one ubatch through
+the model's forward alone (one cheaper compilation each; ``tests/test_family_serving.py`` runs
+Qwen3.5 on the memory). The 200-token prompt spans more than three chunks of the GDN's chunked
+form (64 tokens).
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -51,11 +55,29 @@ class Case:
         self.path = path
         self.config, self.model = load_qwen3_next(path)
         self.plugin = Qwen3NextModel(self.config)
-        self.run = fam.HybridRunner(
-            self.plugin, self.model, n_seq=5, n_prompt=200, n_ubatch=128, kv_size=1024
-        )
+        self._run = None
         rng = np.random.default_rng(7)
         self.prompts = [rng.integers(0, fam.VOCAB, n).tolist() for n in PROMPT_LENGTHS]
+
+    @property
+    def run(self) -> fam.HybridRunner:
+        """The compiled prefill through the hybrid memory (built on first use)."""
+        if self._run is None:
+            self._run = fam.HybridRunner(
+                self.plugin, self.model, n_seq=5, n_prompt=200, n_ubatch=128, kv_size=1024
+            )
+        return self._run
+
+    def fresh_logits(self, prompts) -> list[np.ndarray]:
+        """Every prompt's logits, the prompts the seq sets of one ubatch (forward only)."""
+        c = self.config
+        return family_bamba.fresh_logits(
+            qwen3_next_forward,
+            self.model,
+            prompts,
+            conv_shape=(c.linear_conv_kernel_dim - 1, c.conv_dim),
+            ssm_shape=(c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim),
+        )
 
 
 _CASES: dict[str, Case] = {}
@@ -80,9 +102,14 @@ def _drop_cases():
 
 @pytest.mark.parametrize("variant", sorted(fam.VARIANTS))
 def test_logits_match_transformers(root, variant, record_property):
-    # Given the five prompts decoded together through the hybrid memory
+    # Given the five prompts decoded together (through the hybrid memory for Qwen3-Next)
     case = _case(root, variant)
-    logits, _ = case.run(case.run.new_memory(), case.prompts)
+    if variant == "qwen3_next":
+        logits, _ = case.run(case.run.new_memory(), case.prompts)
+    else:
+        logits = np.zeros((5, 200, fam.VOCAB), np.float32)
+        for i, rows in enumerate(case.fresh_logits(case.prompts)):
+            logits[i, : len(rows)] = rows
     # When transformers runs each prompt alone
     diffs = {}
     for i, prompt in enumerate(case.prompts):
@@ -128,38 +155,35 @@ def test_prompt_whole_in_pieces_or_token_by_token_gives_the_same_logits(root):
 
 @pytest.mark.parametrize("variant", ["qwen3_5", "qwen3_5_moe"])
 def test_conditional_generation_checkpoint_loads_its_language_model(tmp_path, variant):
-    # Given a conditional-generation checkpoint (vision tower included) written by transformers
-    path = fam.tiny_conditional_checkpoint(tmp_path, variant, seed=2)
-    # When it is loaded
-    with pytest.warns(UserWarning, match="vision tower .* not loaded"):
-        config, model = load_qwen3_next(path)
-    # Then the language model is the variant's, and a text prompt's logits are transformers'
-    # conditional model's (a forward-only run; the memory path is covered above)
-    assert config.variant == variant
-    assert config.layer_types == tuple(fam.LAYER_TYPES)
-    prompt = list(range(3, 40))
-    got = family_bamba.fresh_logits(
-        qwen3_next_forward,
-        model,
-        [prompt],
-        conv_shape=(config.linear_conv_kernel_dim - 1, config.conv_dim),
-        ssm_shape=(
-            config.linear_num_value_heads,
-            config.linear_key_head_dim,
-            config.linear_value_head_dim,
-        ),
-    )[0]
     import transformers
+    from flax import nnx
 
-    cls = (
-        "Qwen3_5MoeForConditionalGeneration"
-        if variant == "qwen3_5_moe"
-        else ("Qwen3_5ForConditionalGeneration")
-    )
-    hf = getattr(transformers, cls).from_pretrained(path, dtype=torch.float32).eval()
+    # Given a conditional-generation checkpoint (vision tower included) written by transformers,
+    # and a causal-LM checkpoint holding the same language model
+    cond_path = fam.tiny_conditional_checkpoint(tmp_path / "cond", variant, seed=2)
+    prefix = "Qwen3_5Moe" if variant == "qwen3_5_moe" else "Qwen3_5"
+    cond = getattr(transformers, f"{prefix}ForConditionalGeneration").from_pretrained(cond_path)
+    text = cond.config.text_config
+    text.tie_word_embeddings = cond.config.tie_word_embeddings  # the outer config ties
+    causal = getattr(transformers, f"{prefix}ForCausalLM")(text).eval()
+    causal.model.load_state_dict(cond.model.language_model.state_dict())
+    causal.lm_head.load_state_dict(cond.lm_head.state_dict())
+    causal.save_pretrained(tmp_path / "causal")
+    prompt = torch.tensor([list(range(3, 40))])
     with torch.no_grad():
-        ref = hf(torch.tensor([prompt]), use_cache=False).logits[0].numpy()
-    assert np.abs(got - ref).max() <= PARITY_TOL
+        want = cond.eval()(prompt, use_cache=False).logits
+        assert torch.equal(causal(prompt, use_cache=False).logits, want)
+    # When the conditional checkpoint is loaded
+    with pytest.warns(UserWarning, match="vision tower .* not loaded"):
+        config, model = load_qwen3_next(cond_path)
+    # Then it is the language model: the causal checkpoint's config and every parameter
+    causal_config, causal_model = load_qwen3_next(tmp_path / "causal")
+    assert config.variant == variant and config.layer_types == tuple(fam.LAYER_TYPES)
+    assert config == causal_config
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(causal_model)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_config_matches_transformers():
