@@ -39,6 +39,7 @@ forward with a cache (``use_cache=True``), llama.cpp's prefill in one ubatch of 
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import json
 import sys
@@ -46,6 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -100,6 +102,10 @@ def bench_families(ctx: Ctx) -> list[dict]:
     rows = []
     n_new = a.new_tokens
     for family, helper in FAMILIES.items():
+        # Every family compiles a dozen programs; dropping the last family's keeps the process
+        # within the kernel's limit on memory mappings (vm.max_map_count), which LLVM exhausts.
+        jax.clear_caches()
+        gc.collect()
         tests = importlib.import_module(helper)
         path = parity.llama_cpp_checkpoint(family, tests, work / family)
         model_type = json.loads((path / "config.json").read_text())["model_type"]
@@ -267,8 +273,6 @@ _GDN_SHAPES = (
 
 def bench_gdn_forms(ctx: Ctx) -> list[dict]:
     """Milliseconds of the gated delta rule on 512 tokens, chunked vs one-step (docstring)."""
-    import jax
-
     from jaxhybrid.models import gated_delta_rule
     from jaxhybrid.models._gated_deltanet import l2norm
     from jaxhybrid.models._mamba import set_spans

@@ -219,16 +219,10 @@ def copy_checkpoint(src, dst, edit_tensors=None, edit_config=None):
     return dst
 
 
-def fresh_logits(forward, model, prompts, *, conv_shape, ssm_shape, n_slots=None):
-    """Every token's logits of ``prompts`` (fresh sequences) run as the seq sets of one ubatch
-    against a minimal in-test :class:`~jaxhybrid.models.ModelMemory`: attention reads the
-    ubatch's own K/V (same set, earlier or equal position), every set starts from zero states.
-    Compiles only the model's forward (cheap), for configs whose memory plumbing another test
-    already covers.
-
-    Returns:
-        One ``[len(prompt), vocab]`` NumPy array per prompt.
-    """
+def _fresh_memory_class():
+    """The minimal in-test :class:`~jaxhybrid.models.ModelMemory` of :func:`fresh_logits`: one
+    class for the process (a pytree type), so that jitted forwards of equal shapes are compiled
+    once."""
     import dataclasses
 
     import jax
@@ -240,6 +234,8 @@ def fresh_logits(forward, model, prompts, *, conv_shape, ssm_shape, n_slots=None
         seq_set: jax.Array
         pos: jax.Array
         n_sets: int = dataclasses.field(metadata=dict(static=True))
+        conv_shape: tuple = dataclasses.field(metadata=dict(static=True))
+        ssm_shape: tuple = dataclasses.field(metadata=dict(static=True))
 
         def kv(self, attn_layer, k, v):
             del attn_layer
@@ -254,13 +250,36 @@ def fresh_logits(forward, model, prompts, *, conv_shape, ssm_shape, n_slots=None
         def ssm_states(self, mamba_layer):
             del mamba_layer
             return (
-                jnp.zeros((self.n_sets, *conv_shape), jnp.float32),
-                jnp.zeros((self.n_sets, *ssm_shape), jnp.float32),
+                jnp.zeros((self.n_sets, *self.conv_shape), jnp.float32),
+                jnp.zeros((self.n_sets, *self.ssm_shape), jnp.float32),
             )
 
         def set_ssm_states(self, mamba_layer, conv, ssm, *, conv_tok=None, ssm_tok=None):
             return self
 
+    return FreshMemory
+
+
+_FRESH: dict = {}
+
+
+def fresh_logits(forward, model, prompts, *, conv_shape, ssm_shape, n_slots=None):
+    """Every token's logits of ``prompts`` (fresh sequences) run as the seq sets of one ubatch
+    against a minimal in-test :class:`~jaxhybrid.models.ModelMemory`: attention reads the
+    ubatch's own K/V (same set, earlier or equal position), every set starts from zero states.
+    Compiles only the model's forward (cheap; once per ``forward``, shapes and number of
+    prompts), for configs whose memory plumbing another test already covers.
+
+    Returns:
+        One ``[len(prompt), vocab]`` NumPy array per prompt.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if "memory" not in _FRESH:
+        _FRESH["memory"] = _fresh_memory_class()
+    if forward not in _FRESH:
+        _FRESH[forward] = jax.jit(forward)
     n = sum(len(p) for p in prompts)
     n_slots = n if n_slots is None else n_slots
     toks, sets, pos = (np.zeros(n_slots, np.int32) for _ in range(3))
@@ -270,8 +289,10 @@ def fresh_logits(forward, model, prompts, *, conv_shape, ssm_shape, n_slots=None
         toks[at : at + len(p)], sets[at : at + len(p)] = p, s
         pos[at : at + len(p)] = np.arange(len(p))
         at += len(p)
-    mem = FreshMemory(jnp.asarray(sets), jnp.asarray(pos), len(prompts))
-    logits, _ = jax.jit(forward)(
+    mem = _FRESH["memory"](
+        jnp.asarray(sets), jnp.asarray(pos), len(prompts), tuple(conv_shape), tuple(ssm_shape)
+    )
+    logits, _ = _FRESH[forward](
         model, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(sets >= 0), mem
     )
     logits = np.asarray(logits)
@@ -280,3 +301,16 @@ def fresh_logits(forward, model, prompts, *, conv_shape, ssm_shape, n_slots=None
         out.append(logits[at : at + len(p)])
         at += len(p)
     return out
+
+
+def fresh_greedy(forward, model, prompt, n_new: int, *, conv_shape, ssm_shape) -> list[int]:
+    """Greedy continuation of ``prompt`` by :func:`fresh_logits` of the whole sequence at every
+    step (no memory; one compilation for every step: the slots are padded to the final length)."""
+    seq = list(prompt)
+    n_slots = len(prompt) + n_new
+    for _ in range(n_new):
+        logits = fresh_logits(
+            forward, model, [seq], conv_shape=conv_shape, ssm_shape=ssm_shape, n_slots=n_slots
+        )[0]
+        seq.append(int(np.argmax(logits[-1])))
+    return seq[len(prompt) :]

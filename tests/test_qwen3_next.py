@@ -132,6 +132,23 @@ def test_greedy_generation_matches_transformers(root):
         assert tokens == fam.hf_greedy(case.path, prompt, 32)
 
 
+@pytest.mark.parametrize("variant", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_greedy_generation_matches_transformers(root, variant):
+    # Given a prompt continued greedily by the forward alone (the whole sequence every step)
+    case = _case(root, variant)
+    c = case.config
+    got = family_bamba.fresh_greedy(
+        qwen3_next_forward,
+        case.model,
+        case.prompts[1],
+        32,
+        conv_shape=(c.linear_conv_kernel_dim - 1, c.conv_dim),
+        ssm_shape=(c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim),
+    )
+    # Then its 32 tokens are transformers' cached greedy decoding
+    assert got == fam.hf_greedy(case.path, case.prompts[1], 32)
+
+
 def test_prompt_whole_in_pieces_or_token_by_token_gives_the_same_logits(root):
     # Given a 70-token prompt fed whole (sequence 0), in pieces of 30 and 40 (sequence 1, the
     # second piece interleaved with sequence 2's whole prompt) and token by token (sequence 2)
