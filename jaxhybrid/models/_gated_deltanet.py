@@ -189,8 +189,8 @@ def _chunked(q, k, v, g, beta, s0, spans, chunk_size):
     )
     u, w = solved[..., :dv], solved[..., dv:]  # [C, H, Q, dv], [C, H, Q, dk]
 
-    # Reads of the set's s0 by tokens whose run starts inside their chunk (gathered per token;
-    # the multiply-and-sum fuses with the gather).
+    # Reads of the set's s0 by tokens whose run starts inside their chunk (s0 gathered per
+    # token; used only where the run does not continue from the chunk before).
     s0_tok = jnp.moveaxis(s0[run_set_c], 2, 1)  # [C, H, Q, dk, dv]
     qd = qc * jnp.exp(base)[..., None]
     w_s0 = jnp.sum(w[..., :, None] * s0_tok, axis=-2)
