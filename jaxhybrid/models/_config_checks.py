@@ -61,9 +61,10 @@ def dtype_name(dtype) -> str:
     return name
 
 
-def read_config(config: Mapping | str | os.PathLike, model_type: str) -> Mapping:
+def read_config(config: Mapping | str | os.PathLike, model_type: str | tuple[str, ...]) -> Mapping:
     """A ``config.json`` as a mapping (given as one, as the file, or as its directory), checked
-    to be of ``model_type``."""
+    to be of ``model_type`` (a family serving several model types gives them all; then the
+    config must name one)."""
     if not isinstance(config, Mapping):
         try:
             path = os.fspath(config)
@@ -75,6 +76,13 @@ def read_config(config: Mapping | str | os.PathLike, model_type: str) -> Mapping
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         config = read_json_object(path)
+    if isinstance(model_type, tuple):
+        got = config.get("model_type")
+        if got not in model_type:
+            raise jh.InvalidArgumentError(
+                f"expected a config with model_type one of {sorted(model_type)}, got {got!r}"
+            )
+        return config
     got = config.get("model_type", model_type)
     if got != model_type:
         raise jh.InvalidArgumentError(

@@ -54,9 +54,9 @@ from jaxhybrid.models._config_checks import (
     check_int,
     check_number,
     dtype_name,
+    read_config,
 )
 from jaxhybrid.models._gated_deltanet import GatedDeltaNet
-from jaxhybrid.models._hf_files import read_json_object
 from jaxhybrid.models._hybrid_adapter import FlaxHybridModel
 from jaxhybrid.models._loader import Slot, checkpoint_dir, checkpoint_tensor_names, load_checkpoint
 from jaxhybrid.models._mamba import Linear, ParamInit
@@ -260,13 +260,8 @@ class Qwen3NextConfig:
             InvalidTypeError: a field, ``config`` or ``dtype`` has the wrong type.
         """
         name_of_dtype = dtype_name(dtype)
-        config = _read(config)
-        model_type = config.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise jh.InvalidArgumentError(
-                f"expected a config with model_type one of {sorted(MODEL_TYPES)}, got "
-                f"{model_type!r}"
-            )
+        config = read_config(config, tuple(MODEL_TYPES))
+        model_type = config["model_type"]
         variant = MODEL_TYPES[model_type]
         outer = config
         if model_type in ("qwen3_5", "qwen3_5_moe"):
@@ -339,21 +334,6 @@ class Qwen3NextConfig:
     def linear_layers(self) -> tuple[int, ...]:
         """Model layer index of every GDN layer (position = recurrent layer index)."""
         return tuple(i for i, t in enumerate(self.layer_types) if t == LINEAR)
-
-
-def _read(config) -> Mapping:
-    if isinstance(config, Mapping):
-        return config
-    try:
-        path = os.fspath(config)
-    except TypeError:
-        raise jh.InvalidTypeError(
-            "config must be a Mapping, a config.json path or its directory, got "
-            f"{type(config).__name__}"
-        ) from None
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    return read_json_object(path)
 
 
 # --------------------------------------------------------------------------------------------
